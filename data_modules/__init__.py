@@ -1,0 +1,1 @@
+"""LightningDataModules over WebDataset shards, shard writers, converters and generated datasets."""
