@@ -1,0 +1,480 @@
+"""Streaming image-text (conversation) data over WebDataset shards, as a LightningDataModule.
+
+Every worker's stream is a pure function of (seed, epoch, rank, world size, worker, number of workers):
+shard order, the (rank, worker) split, the sample shuffle buffer and the wrap-around are all seeded, so a
+run can be replayed from a count of consumed batches. See docs/data.md for the format and the rules.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_modules.faults import FaultCounter
+from data_modules.shards import (
+    TruncatedShardError,
+    iter_shard_samples,
+    list_shards,
+    meta_is_complete,
+    shard_sample_counts,
+)
+from dvlx.processing import IGNORE_INDEX, IMAGE_PLACEHOLDER, ImageProcessor, Tokenizer, encode_conversation
+
+# Tags that keep the seeded random streams of different purposes apart.
+_SHARD_ORDER_TAG = 0
+_SHUFFLE_TAG = 1
+
+
+def collate_image_text(
+    samples: Sequence[Mapping[str, Any]], pad_token_id: int, faults: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Right-pad encoded samples into one batch.
+
+    Returns `input_ids`/`labels`/`attention_mask` Long[B, L] (padding: `pad_token_id` / IGNORE_INDEX / 0),
+    `pixel_values` Float[N, row] with all images of the batch in sample order, `image_grid_thw` Long[n_img, 3]
+    and `faults` (counts of skipped samples since the worker's previous batch).
+    """
+    if not samples:
+        raise ValueError("collate_image_text needs at least one sample")
+    length = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        if len(sample["labels"]) != n:
+            raise ValueError(f"sample {i}: {n} input_ids but {len(sample['labels'])} labels")
+        input_ids[i, :n] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat([s["pixel_values"] for s in samples]).float(),
+        "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]).long(),
+        "faults": dict(faults or {}),
+    }
+
+
+class _Skip(Exception):
+    """A sample to skip, with its fault kind and reason."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def _turn_text(turn: Mapping[str, Any]) -> str:
+    text = turn.get("value", turn.get("content", ""))
+    return text if isinstance(text, str) else ""
+
+
+class ImageTextStream(IterableDataset):
+    """One rank's stream of collated image-text batches (use with `DataLoader(batch_size=None)`).
+
+    train=True: shards shuffled per (seed, epoch), seeded sample shuffle buffer, exactly `num_batches` full
+    batches per rank split over the workers, each worker wrapping around its own stream when it runs out.
+    train=False: shards in order, no shuffle, one pass, the last partial batch of each worker kept.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        *,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        template: str,
+        batch_size: int,
+        train: bool,
+        num_batches: int | None = None,
+        max_length: int = 8192,
+        num_eos: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        max_fault_fraction: float = 0.1,
+        fault_min_samples: int = 50,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if not shards:
+            raise ValueError("ImageTextStream needs at least one shard")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if train and (num_batches is None or num_batches < 0):
+            raise ValueError(f"a training stream needs num_batches >= 0, got {num_batches}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.shards = list(shards)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.batch_size = batch_size
+        self.train = train
+        self.num_batches = num_batches
+        self.max_length = max_length
+        self.num_eos = num_eos
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.max_fault_fraction = max_fault_fraction
+        self.fault_min_samples = fault_min_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        # Position of the stream this copy is producing (inside a worker): samples taken from the shards
+        # that this (rank, worker) owns, and batches yielded, since the start of the epoch.
+        self.consumed = 0
+        self.batches_yielded = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("a validation stream has no fixed length")
+        return self.num_batches
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Shard indices in reading order: seeded permutation for training, file order otherwise."""
+        if not self.train:
+            return list(range(len(self.shards)))
+        rng = np.random.default_rng([self.seed, epoch, _SHARD_ORDER_TAG])
+        return [int(i) for i in rng.permutation(len(self.shards))]
+
+    def worker_num_batches(self, worker: int, num_workers: int) -> int | None:
+        """Batches this worker yields in a training epoch: the rank's count split as evenly as possible."""
+        if self.num_batches is None:
+            return None
+        return self.num_batches // num_workers + (1 if worker < self.num_batches % num_workers else 0)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.iter_worker(worker, num_workers)
+
+    def iter_worker(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """The batches of one (rank, worker) slot for the current epoch."""
+        slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        counter = FaultCounter(
+            self.max_fault_fraction, self.fault_min_samples, where=f"rank {self.rank} worker {worker}"
+        )
+        self.consumed = 0
+        self.batches_yielded = 0
+        quota = self.worker_num_batches(worker, num_workers)
+        if quota == 0:
+            return
+        batch: list[dict[str, Any]] = []
+        for sample in self._owned_samples(slot, slots, counter):
+            self.consumed += 1
+            counter.seen()
+            try:
+                batch.append(self.encode(sample))
+            except _Skip as skip:
+                counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
+            counter.check(sample["__shard__"])
+            if len(batch) == self.batch_size:
+                yield collate_image_text(batch, self.tokenizer.pad_token_id, counter.take())
+                batch = []
+                self.batches_yielded += 1
+                if quota is not None and self.batches_yielded >= quota:
+                    return
+        if batch:
+            yield collate_image_text(batch, self.tokenizer.pad_token_id, counter.take())
+            self.batches_yielded += 1
+
+    def _owned_samples(self, slot: int, slots: int, counter: FaultCounter) -> Iterator[dict[str, Any]]:
+        """Raw samples of this slot; for training shuffled and repeated pass after pass.
+
+        With at least as many shards as slots, slot s reads shards s, s + slots, ... of the epoch's order.
+        Otherwise every slot reads all shards and keeps the samples whose running index (over the whole
+        pass, bad samples included) modulo the number of slots is s. Either way the slots are disjoint.
+        The shuffle buffer drains at the end of each pass, so a slot sees all of its samples once before any
+        of them again.
+        """
+        order = self.shard_order(self.epoch)
+        by_shard = len(order) >= slots
+        mine = order[slot::slots] if by_shard else order
+        rng = np.random.default_rng([self.seed, self.epoch, _SHUFFLE_TAG, slot, slots])
+        while True:
+            one_pass = self._one_pass(mine, slot, slots, by_shard, counter)
+            if self.train and self.shuffle_buffer > 1:
+                one_pass = _shuffle(one_pass, self.shuffle_buffer, rng)
+            taken = 0
+            for sample in one_pass:
+                taken += 1
+                yield sample
+            if not self.train:
+                return
+            if taken == 0:
+                names = [self.shards[i] for i in mine]
+                raise RuntimeError(
+                    f"rank {self.rank} slot {slot}: no readable samples in its shards {names[:5]}"
+                    f"{' ...' if len(names) > 5 else ''}; cannot fill its batches"
+                )
+
+    def _one_pass(
+        self, mine: list[int], slot: int, slots: int, by_shard: bool, counter: FaultCounter
+    ) -> Iterator[dict[str, Any]]:
+        running = 0
+        for position, index in enumerate(mine):
+            path = self.shards[index]
+            try:
+                for sample in iter_shard_samples(path):
+                    if by_shard or running % slots == slot:
+                        yield sample
+                    running += 1
+            except TruncatedShardError as error:
+                # Every slot sees a truncation in the sharing mode; only one of them counts it.
+                if by_shard or position % slots == slot:
+                    counter.record("truncated_tar", path, None, error.reason)
+
+    def encode(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """Decode and encode one raw sample; raises `_Skip` with the fault kind when it cannot be used."""
+        if "__bad__" in sample:
+            raise _Skip("bad_record", sample["__bad__"])
+        if "json" not in sample:
+            raise _Skip("missing_key", f"no .json file (files: {sorted(k for k in sample if k[:2] != '__')})")
+        try:
+            record = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _Skip("bad_record", f"json does not parse: {error}") from None
+        if not isinstance(record, dict):
+            raise _Skip("bad_record", f"json must be an object, got {type(record).__name__}")
+        conversations = record.get("conversations")
+        if not isinstance(conversations, list) or not conversations or not all(
+                isinstance(t, dict) for t in conversations):
+            raise _Skip("bad_record", "'conversations' must be a non-empty list of turn objects")
+        image_keys = {k.split(".", 1)[0]: k for k in sample if k.startswith("img")}
+        num_images = record.get("num_images", len(image_keys))
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
+            raise _Skip("bad_record", f"'num_images' must be a non-negative int, got {num_images!r}")
+        placeholders = sum(_turn_text(t).count(IMAGE_PLACEHOLDER) for t in conversations)
+        if placeholders != num_images:
+            raise _Skip("bad_record", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders, {num_images} images")
+        images = []
+        for k in range(num_images):
+            name = image_keys.get(f"img{k}")
+            if name is None:
+                raise _Skip("missing_key", f"no img{k}.* file for image {k} of {num_images}")
+            try:
+                image = Image.open(io.BytesIO(sample[name]))
+                image.load()
+                grid = self.image_processor.grid_thw(image.height, image.width)
+            except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                raise _Skip("corrupt_image", f"{name}: {type(error).__name__}: {error}") from None
+            images.append((image, grid))
+        num_tokens = [self.image_processor.num_image_tokens(grid) for _, grid in images]
+        try:
+            encoded = encode_conversation(
+                self.tokenizer, conversations, self.template, num_tokens, num_eos=self.num_eos
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise _Skip("bad_record", f"conversation does not encode: {error}") from None
+        if len(encoded.input_ids) > self.max_length:
+            raise _Skip("too_long", f"{len(encoded.input_ids)} tokens > max_length {self.max_length}")
+        processed = self.image_processor([image for image, _ in images])
+        return {
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "pixel_values": processed["pixel_values"],
+            "image_grid_thw": processed["image_grid_thw"],
+        }
+
+
+def _shuffle(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Seeded shuffle buffer: once `size` items are held, each new item replaces a random held one."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[int(j)]
+
+
+class EpochDataLoader(DataLoader):
+    """DataLoader that hands the current epoch to its dataset each time iteration starts.
+
+    Lightning only calls `set_epoch` on samplers, and an IterableDataset has none of its own, so the epoch
+    is read from `epoch_fn` right before workers are started (they receive the dataset then). Workers must
+    not be persistent, or they would keep the first epoch's copy.
+    """
+
+    def __init__(self, dataset: ImageTextStream, epoch_fn: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class ImageTextDataModule(LightningDataModule):
+    """Image-text conversation shards -> batches for the VL stages (see docs/data.md).
+
+    `rank`/`world_size` override the values taken from the trainer or torch.distributed (for tests).
+    `drop_last=True` gives every rank floor(N / (world * batch_size)) training batches per epoch, False gives
+    the ceiling (the last batches wrap around). `generate` is called by `prepare_data` when `train` does not
+    exist yet.
+    """
+
+    def __init__(
+        self,
+        *,
+        train: str | list[str],
+        val: str | list[str] | None = None,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        template: str = "plain",
+        batch_size: int,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        max_length: int = 8192,
+        num_eos: int = 0,
+        seed: int = 0,
+        max_fault_fraction: float = 0.1,
+        fault_min_samples: int = 50,
+        val_batch_size: int | None = None,
+        drop_last: bool = True,
+        generate: Callable[[], Any] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        self.train_spec = train
+        self.val_spec = val
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.max_length = max_length
+        self.num_eos = num_eos
+        self.seed = seed
+        self.max_fault_fraction = max_fault_fraction
+        self.fault_min_samples = fault_min_samples
+        self.val_batch_size = val_batch_size or batch_size
+        self.drop_last = drop_last
+        self.generate = generate
+        self.rank_override = rank
+        self.world_size_override = world_size
+        self.epoch = 0
+        self.train_shards: list[str] = []
+        self.val_shards: list[str] = []
+        self.num_train_samples = 0
+
+    def prepare_data(self) -> None:
+        if self.generate is not None and not _spec_exists(self.train_spec):
+            self.generate()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_shards = list_shards(self.train_spec)
+        counts = shard_sample_counts(self.train_shards)
+        missing = [path for path, n in zip(self.train_shards, counts, strict=True) if n is None]
+        if missing:
+            raise ValueError(
+                f"shard {missing[0]} has no entry in a meta.json next to it; training needs the sample "
+                "counts of every shard to give all ranks the same number of batches"
+            )
+        self.num_train_samples = sum(n for n in counts if n is not None)
+        self.val_shards = list_shards(self.val_spec) if self.val_spec is not None else []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used when no trainer is attached (a trainer's `current_epoch` wins)."""
+        self.epoch = int(epoch)
+
+    def current_epoch(self) -> int:
+        trainer = self.trainer
+        return int(trainer.current_epoch) if trainer is not None else self.epoch
+
+    def rank_and_world(self) -> tuple[int, int]:
+        if self.rank_override is not None and self.world_size_override is not None:
+            return self.rank_override, self.world_size_override
+        if self.trainer is not None:
+            return int(self.trainer.global_rank), int(self.trainer.world_size)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def num_batches(self, world_size: int | None = None) -> int:
+        """Training batches per rank per epoch."""
+        world = world_size if world_size is not None else self.rank_and_world()[1]
+        per_rank = self.num_train_samples / (world * self.batch_size)
+        return math.floor(per_rank) if self.drop_last else math.ceil(per_rank)
+
+    def _stream(self, shards: list[str], train: bool) -> ImageTextStream:
+        rank, world = self.rank_and_world()
+        num_batches = None
+        if train:
+            num_batches = self.num_batches(world)
+            if num_batches == 0:
+                raise ValueError(
+                    f"{self.num_train_samples} training samples in {self.train_spec} are fewer than "
+                    f"world_size {world} x batch_size {self.batch_size}: no full batch per rank"
+                )
+        return ImageTextStream(
+            shards,
+            tokenizer=self.tokenizer,
+            image_processor=self.image_processor,
+            template=self.template,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            train=train,
+            num_batches=num_batches,
+            max_length=self.max_length,
+            num_eos=self.num_eos,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            max_fault_fraction=self.max_fault_fraction,
+            fault_min_samples=self.fault_min_samples,
+            rank=rank,
+            world_size=world,
+        )
+
+    def train_dataloader(self) -> EpochDataLoader:
+        if not self.train_shards:
+            self.setup("fit")
+        return EpochDataLoader(self._stream(self.train_shards, True), self.current_epoch,
+                               num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_spec is None:
+            return []
+        if not self.val_shards:
+            self.setup("validate")
+        return DataLoader(self._stream(self.val_shards, False), batch_size=None, num_workers=self.num_workers)
+
+
+def _spec_exists(spec: str | list[str]) -> bool:
+    if isinstance(spec, str) and os.path.isdir(spec):
+        return meta_is_complete(spec)
+    try:
+        list_shards(spec)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""Performance benchmarks: `python -m dvlx.bench {loss,data}`. They print ratios measured in the same run."""

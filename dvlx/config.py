@@ -1,0 +1,302 @@
+"""Structured experiment configs (OmegaConf over dataclasses).
+
+An experiment YAML fills an `ExperimentConfig`; it may name a base file with `extends: other.yaml` (resolved
+relative to the file), and `key=value` overrides from the command line are applied last. Every key is typed
+and defaulted here; an unknown key, a wrong type or an impossible combination is a `ConfigError` whose
+message names the key and the file it came from.
+
+Relative data and output paths are resolved against the current working directory (run from the repo root).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad experiment configuration: the message is one line naming the file and the key."""
+
+
+@dataclass
+class BackboneConfig:
+    preset: str = "tiny"
+    """Architecture preset (`tiny`, `7b`) used when `pretrained` is not set; weights are random."""
+    pretrained: str | None = None
+    """Folder in the official Hugging Face layout (config.json + safetensors) or a dvlx export."""
+    tokenizer: str | None = None
+    """Tokenizer folder; defaults to `pretrained`, or to the built-in tiny tokenizer for the `tiny` preset."""
+    attention: str = "full"
+    """Attention mode of the LM: `full` (Dream), `prefix` or `causal`."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: `sdpa` or `eager`."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ProcessorConfig:
+    """Image processor bounds; they travel into every export so training and inference agree."""
+
+    min_pixels: int = 112 * 112
+    max_pixels: int = 112 * 112
+
+
+@dataclass
+class SyntheticDataConfig:
+    """A dataset the package generates itself (demo and tests) when `data.train` does not exist yet."""
+
+    kind: str = "captions"
+    num_train: int = 2000
+    num_val: int = 200
+    image_size: int = 112
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    kind: str = "image_text"
+    train: str | None = None
+    """Shard directory (with meta.json), glob, brace pattern `a-{000000..000009}.tar`, or comma list."""
+    val: str | None = None
+    synthetic: SyntheticDataConfig | None = None
+    """If set, `train`/`val` are generated into `synthetic_dir` when absent."""
+    synthetic_dir: str = "data/synthetic_captions"
+    template: str = "plain"
+    batch_size: int = 8
+    """Per-device micro-batch size."""
+    val_batch_size: int | None = None
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    max_length: int = 8192
+    num_eos: int = 0
+    """EOS tokens appended (and supervised) after the last turn: a fixed, batch-independent amount."""
+    max_fault_fraction: float = 0.1
+    """Stop the run when more than this fraction of samples is corrupt (they are skipped and counted)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    """After the linear warm-up: `cosine` (to `min_lr_ratio * lr`), `linear` (likewise) or `constant`."""
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    """Overrides `warmup_ratio` when set."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    global_batch_size: int | None = None
+    """If set, gradient accumulation = global / (per-device batch * devices * nodes), which must divide."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimiser steps."""
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 100
+    limit_val_batches: int | None = None
+    checkpoint_every_n_steps: int = 100
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    eps: float = 1e-3
+    weighting: str = "cart"
+    cart_p: float = 0.1
+    ce_chunk_size: int = 8192
+
+
+@dataclass
+class StageConfig:
+    name: str = "vl_pretrain"
+    trainable: list[str] | None = None
+    """Parts that train, from `projector`, `lm`, `vision`, `merger`; None = the stage's default
+    (`vl_pretrain`: projector only, as in the paper)."""
+    vision_from_block: int = 0
+    """With `vision` trainable: vision blocks before this index stay frozen (the paper unfreezes from 16)."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    val_t: float = 1.0
+    """Diffusion time used for validation masking (1.0 masks every target token)."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = ""
+    """Experiment name; defaults to the YAML file's stem."""
+    extends: str | None = None
+    output_dir: str = "runs"
+    variant: str = "default"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name / self.variant
+
+
+ATTENTION_CHOICES = ("full", "prefix", "causal")
+SCHEDULES = ("cosine", "linear", "constant")
+WEIGHTINGS = ("cart", "none")
+TEMPLATES = ("plain", "qwen_2_5")
+TRAINABLE_PARTS = ("projector", "lm", "vision", "merger")
+PRESETS = ("tiny", "7b")
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = did_you_mean(value, choices)
+        raise ConfigError(f"key '{key}': '{value}' is not one of {list(choices)}{hint}")
+
+
+def validate(cfg: ExperimentConfig, stage_names: tuple[str, ...] = ()) -> None:
+    """Checks that need more than one key or a closed set of choices; raises ConfigError naming the key."""
+    _check_choice("backbone.attention", cfg.backbone.attention, ATTENTION_CHOICES)
+    if cfg.backbone.pretrained is None:
+        _check_choice("backbone.preset", cfg.backbone.preset, PRESETS)
+    _check_choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    _check_choice("stage.diffusion.weighting", cfg.stage.diffusion.weighting, WEIGHTINGS)
+    _check_choice("data.template", cfg.data.template, TEMPLATES)
+    if stage_names:
+        _check_choice("stage.name", cfg.stage.name, stage_names)
+    for part in cfg.stage.trainable or ():
+        _check_choice("stage.trainable", part, TRAINABLE_PARTS)
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.max_length": cfg.data.max_length,
+        "trainer.max_steps": cfg.trainer.max_steps,
+        "trainer.checkpoint_every_n_steps": cfg.trainer.checkpoint_every_n_steps,
+        "trainer.val_every_n_steps": cfg.trainer.val_every_n_steps,
+        "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        "processor.min_pixels": cfg.processor.min_pixels,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"key '{key}': must be positive, got {value}")
+    if cfg.processor.max_pixels < cfg.processor.min_pixels:
+        raise ConfigError(
+            f"key 'processor.max_pixels': {cfg.processor.max_pixels} is below processor.min_pixels "
+            f"{cfg.processor.min_pixels}"
+        )
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"key 'optim.lr': must be positive, got {cfg.optim.lr}")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"key 'optim.warmup_ratio': must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"key 'optim.betas': expected two values, got {list(cfg.optim.betas)}")
+    if not 0.0 <= cfg.data.max_fault_fraction <= 1.0:
+        fraction = cfg.data.max_fault_fraction
+        raise ConfigError(f"key 'data.max_fault_fraction': must be in [0, 1], got {fraction}")
+    if not 0.0 < cfg.stage.val_t <= 1.0:
+        raise ConfigError(f"key 'stage.val_t': must be in (0, 1], got {cfg.stage.val_t}")
+    if cfg.data.train is None and cfg.data.synthetic is None:
+        raise ConfigError("key 'data.train': no training data given (set data.train or data.synthetic)")
+
+
+def _unknown_key_message(err: ConfigKeyError, source: str) -> str:
+    key = err.full_key or str(err.key)
+    parent = err.object_type
+    hint = ""
+    if parent is not None and hasattr(parent, "__dataclass_fields__"):
+        hint = did_you_mean(str(err.key), list(parent.__dataclass_fields__))
+    return f"{source}: unknown key '{key}'{hint}"
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(err, source)) from None
+    except ValidationError as err:
+        raise ConfigError(f"{source}: key '{err.full_key}': {err.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from None
+
+
+def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The YAML file and the files it extends, base first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come from several libraries
+        raise ConfigError(f"{path}: cannot parse YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    chain: list[tuple[Path, DictConfig]] = []
+    base = node.get("extends")
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: key 'extends': expected a file name, got {base!r}")
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        chain.extend(_load_yaml_chain(base_path, (*seen, path)))
+    chain.append((path, node))
+    return chain
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+    key, value = item.split("=", 1)
+    parsed = OmegaConf.from_dotlist([f"x={value}"]).x
+    return key.strip(), parsed
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                stage_names: tuple[str, ...] = ()) -> ExperimentConfig:
+    """Reads an experiment YAML (with its `extends` chain), applies `key=value` overrides, validates."""
+    path = Path(path)
+    merged = OmegaConf.structured(ExperimentConfig)
+    for file_path, node in _load_yaml_chain(path):
+        merged = _merge(merged, node, str(file_path))
+    for item in overrides:
+        key, value = parse_override(item)
+        update = OmegaConf.create()
+        try:
+            OmegaConf.update(update, key, value, force_add=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command line: bad override '{item}': {str(err).splitlines()[0]}") from None
+        merged = _merge(merged, update, "command line")
+    if not merged.name:
+        merged.name = path.stem
+    merged.extends = None
+    try:
+        cfg: ExperimentConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    try:
+        validate(cfg, stage_names)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

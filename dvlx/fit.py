@@ -1,0 +1,337 @@
+"""`python -m dvlx.fit EXPERIMENT.yaml [key=value ...] [--resume] [--sweep key=a,b,c] [--print-config]`.
+
+Loads the experiment, builds tokenizer, image processor, backbone, stage, data and callbacks, then runs
+Lightning's Trainer. Each run writes `runs/<experiment>/<variant>/`: `config.yaml` (resolved), `checkpoints/`,
+`tb/` (TensorBoard), `csv/version_<n>/metrics.csv` (one per start) and, when training ends, `export/`.
+Errors in the experiment are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from dvlx.config import ConfigError, ExperimentConfig, load_config, parse_override, to_yaml
+from dvlx.export import EXPORT_MARKER
+
+log = logging.getLogger("dvlx.fit")
+
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dvlx.fit", description=__doc__.split("\n\n")[1])
+    parser.add_argument("experiment", help="experiment YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the latest checkpoint of this run (sweeps: skip finished variants)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=A,B,C",
+                        help="one run per value, each in its own variant folder (repeat for a grid)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def sweep_variants(sweeps: list[str]) -> list[tuple[str, list[str]]]:
+    """(variant name, overrides) for the grid of `--sweep key=a,b,c` arguments; one default without sweeps."""
+    if not sweeps:
+        return [("", [])]
+    axes = []
+    for item in sweeps:
+        key, _ = parse_override(item)
+        values = item.split("=", 1)[1].split(",")
+        if not all(values):
+            raise ConfigError(f"command line: --sweep '{item}' has an empty value")
+        axes.append([(key, v) for v in values])
+    variants = []
+    for combo in itertools.product(*axes):
+        name = "_".join(f"{k}-{v}" for k, v in combo).replace("/", "-")
+        variants.append((name, [f"{k}={v}" for k, v in combo]))
+    return variants
+
+
+def _stage_names() -> tuple[str, ...]:
+    from dvlx.stages import STAGES
+
+    return tuple(STAGES)
+
+
+def _configure_logging() -> None:
+    """INFO lines from dvlx's own packages on stderr (Lightning configures its own logger)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("dvlx", "data_modules", "callbacks"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(getattr(h, "_dvlx", False) for h in logger.handlers):
+            handler._dvlx = True
+            logger.addHandler(handler)
+
+
+# Warnings that describe what dvlx does on purpose: frozen modules stay in eval mode, and the streaming
+# datasets report a per-rank length that already accounts for their workers.
+_EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode at the start of training.*",
+    r".*`IterableDataset` has `__len__` defined.*",
+    r".*you need to define a `flops_per_batch` attribute.*",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging()
+    try:
+        variants = sweep_variants(args.sweep)
+        configs = []
+        for variant, extra in variants:
+            cfg = load_config(args.experiment, [*args.overrides, *extra], stage_names=_stage_names())
+            if variant:
+                cfg = replace(cfg, variant=variant)
+            configs.append(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        for cfg in configs:
+            print(to_yaml(cfg))
+        return 0
+    results = []
+    for cfg in configs:
+        try:
+            results.append(run(cfg, resume=args.resume))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0 if all(r == 0 for r in results) else 1
+
+
+def _check_run_dir(cfg: ExperimentConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start; refuses to overwrite an existing run."""
+    run_dir = cfg.run_dir
+    last = run_dir / "checkpoints" / "last.ckpt"
+    has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    if resume:
+        if last.is_file():
+            return last
+        if has_checkpoints:
+            raise ConfigError(f"{run_dir}: --resume found checkpoints but no last.ckpt")
+        return None
+    if has_checkpoints or (run_dir / "export" / EXPORT_MARKER).exists():
+        raise ConfigError(
+            f"{run_dir}: run folder already holds a run; pass --resume to continue it, or choose another "
+            f"variant (variant=NAME) or output_dir"
+        )
+    return None
+
+
+def exported_step(run_dir: Path) -> int:
+    """The step of the run's completed export, or -1 when it has none."""
+    marker = run_dir / "export" / EXPORT_MARKER
+    if not marker.is_file():
+        return -1
+    return int(json.loads(marker.read_text()).get("step", -1))
+
+
+def _check_writable(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{path}: output folder is not writable ({err.strerror})") from None
+
+
+def run(cfg: ExperimentConfig, resume: bool = False) -> int:
+    """Trains one variant. Returns 0 on success."""
+    import lightning as L
+
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    run_dir = cfg.run_dir
+    if resume and exported_step(run_dir) >= cfg.trainer.max_steps:
+        log.info("%s: finished earlier (export at step >= %d), skipping", run_dir, cfg.trainer.max_steps)
+        return 0
+    ckpt_path = _check_run_dir(cfg, resume)
+    _check_writable(run_dir)
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    tokenizer = build_tokenizer(cfg)
+    image_processor = build_image_processor(cfg)
+    backbone = build_backbone(cfg, tokenizer)
+    stage = build_stage(cfg, backbone)
+    datamodule = build_datamodule(cfg, tokenizer, image_processor)
+    trainer = build_trainer(cfg, tokenizer, image_processor)
+    log.info(
+        "run %s: %s, %d trainable of %d parameters, global batch %d (%d per device x %d devices x %d "
+        "accumulation)",
+        run_dir, type(stage).__name__, sum(p.numel() for p in stage.parameters() if p.requires_grad),
+        sum(p.numel() for p in stage.parameters()),
+        trainer.world_size * trainer.accumulate_grad_batches * cfg.data.batch_size,
+        cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
+    )
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    final = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+    if final and trainer.is_global_zero:
+        print(f"{run_dir} step {trainer.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_tokenizer(cfg: ExperimentConfig):
+    from dvlx.processing import Tokenizer, build_tiny_tokenizer
+
+    folder = cfg.backbone.tokenizer or cfg.backbone.pretrained
+    if folder is not None:
+        try:
+            return Tokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"key 'backbone.tokenizer': {err}") from None
+    if cfg.backbone.preset != "tiny":
+        raise ConfigError(
+            f"key 'backbone.tokenizer': the '{cfg.backbone.preset}' preset needs a tokenizer folder "
+            "(backbone.tokenizer or backbone.pretrained)"
+        )
+    return build_tiny_tokenizer()
+
+
+def build_image_processor(cfg: ExperimentConfig):
+    from dvlx.processing import ImageProcessor
+
+    return ImageProcessor(min_pixels=cfg.processor.min_pixels, max_pixels=cfg.processor.max_pixels)
+
+
+def build_backbone(cfg: ExperimentConfig, tokenizer):
+    from dvlx.backbone import CheckpointError, DreamVL, preset_config
+
+    if cfg.backbone.pretrained is not None:
+        try:
+            backbone = DreamVL.from_pretrained(
+                cfg.backbone.pretrained, dtype="float32", attn_implementation=cfg.backbone.attn_implementation
+            )
+        except CheckpointError as err:
+            raise ConfigError(f"key 'backbone.pretrained': {err}") from None
+        ids = tokenizer.special_ids()
+        wrong = {k: (v, getattr(backbone.config, k)) for k, v in ids.items()
+                 if getattr(backbone.config, k) != v}
+        if wrong:
+            raise ConfigError(
+                "key 'backbone.tokenizer': tokenizer and checkpoint disagree on special ids "
+                + ", ".join(f"{k} (tokenizer {a}, checkpoint {b})" for k, (a, b) in wrong.items())
+            )
+    else:
+        config = preset_config(cfg.backbone.preset, vocab_size=len(tokenizer), **tokenizer.special_ids())
+        backbone = DreamVL(config, attn_implementation=cfg.backbone.attn_implementation)
+    if cfg.backbone.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    return backbone
+
+
+def build_stage(cfg: ExperimentConfig, backbone):
+    from dvlx.stages import STAGES
+
+    return STAGES[cfg.stage.name](cfg, backbone)
+
+
+def build_datamodule(cfg: ExperimentConfig, tokenizer, image_processor):
+    from data_modules.image_text import ImageTextDataModule
+
+    data = cfg.data
+    train, val, generate = data.train, data.val, None
+    if data.synthetic is not None:
+        from data_modules.synthetic import generate_captions
+
+        syn = data.synthetic
+        root = Path(data.synthetic_dir)
+        train = train or str(root / "train")
+        val = val or str(root / "val")
+
+        def generate() -> None:
+            generate_captions(root, num_train=syn.num_train, num_val=syn.num_val,
+                              image_size=syn.image_size, seed=syn.seed)
+
+    elif not Path(train).exists() and not any(ch in train for ch in "*{,"):
+        raise ConfigError(f"key 'data.train': {train} does not exist")
+    return ImageTextDataModule(
+        train=train, val=val, tokenizer=tokenizer, image_processor=image_processor, template=data.template,
+        batch_size=data.batch_size, val_batch_size=data.val_batch_size, num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer, max_length=data.max_length, num_eos=data.num_eos,
+        seed=cfg.trainer.seed, max_fault_fraction=data.max_fault_fraction, generate=generate,
+    )
+
+
+def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from callbacks import AtomicCheckpointIO, DataFaultMonitor, ExportOnTrainEnd, throughput_monitor
+
+    t, run_dir = cfg.trainer, cfg.run_dir
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="step-{step:07d}",
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_last=True, save_top_k=2, monitor="step", mode="max", auto_insert_metric_name=False,
+    )
+    callbacks = [
+        checkpoint,
+        LearningRateMonitor(logging_interval="step"),
+        DataFaultMonitor(),
+        throughput_monitor(),
+        ExportOnTrainEnd(run_dir / "export", tokenizer, image_processor, to_yaml(cfg)),
+    ]
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        log_every_n_steps=t.log_every_n_steps,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=None,
+        logger=[
+            TensorBoardLogger(save_dir=run_dir, name="tb", version="", default_hp_metric=False),
+            # A resumed run gets csv/version_<n+1>: Lightning's CSV writer empties an existing metrics file.
+            CSVLogger(save_dir=run_dir, name="csv"),
+        ],
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+    )
+    accumulate = t.accumulate_grad_batches
+    if cfg.optim.global_batch_size is not None:
+        per_step = cfg.data.batch_size * trainer.world_size
+        if cfg.optim.global_batch_size % per_step:
+            raise ConfigError(
+                f"key 'optim.global_batch_size': {cfg.optim.global_batch_size} is not a multiple of "
+                f"data.batch_size x world size = {cfg.data.batch_size} x {trainer.world_size}"
+            )
+        accumulate = cfg.optim.global_batch_size // per_step
+    trainer.accumulate_grad_batches = accumulate
+    # Validation cadence counts training batches; the config counts optimiser steps.
+    trainer.val_check_interval = t.val_every_n_steps * accumulate
+    return trainer
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""End to end through `dvlx.fit.main`: the tiny experiment trains, checkpoints, resumes and exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dvlx.fit import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "tiny_vl_pretrain.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def args(tmp_path: Path, data_dir: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        str(EXPERIMENT),
+        f"output_dir={tmp_path / 'runs'}",
+        f"data.synthetic_dir={data_dir}",
+        "data.synthetic.num_train=320",
+        "data.synthetic.num_val=32",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        "data.shuffle_buffer=64",
+        f"trainer.max_steps={steps}",
+        "trainer.val_every_n_steps=10",
+        "trainer.checkpoint_every_n_steps=10",
+        "trainer.log_every_n_steps=1",
+        "trainer.progress_bar=false",
+        "optim.warmup_ratio=0.0",
+        *extra,
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path, newline="") as handle:
+            rows.extend(csv.DictReader(handle))
+    return rows
+
+
+def train_losses(rows: list[dict[str, str]]) -> dict[int, float]:
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_fit_checkpoint_resume_export(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    assert main(args(tmp_path, data_dir, 30)) == 0
+    run_dir = tmp_path / "runs" / "tiny_vl_pretrain" / "default"
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "export" / "dvlx.json").is_file()
+    assert json.loads((run_dir / "export" / "dvlx.json").read_text())["step"] == 30
+    assert "val/acc_masked" in capsys.readouterr().out
+
+    losses = train_losses(read_metrics(run_dir))
+    assert len(losses) == 30
+    first, last = list(losses.values())[:5], list(losses.values())[-5:]
+    assert sum(last) / 5 < 0.9 * sum(first) / 5, losses
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 30
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+
+    # The same run again without --resume is refused; with --resume it continues from step 30.
+    assert main(args(tmp_path, data_dir, 40)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args(tmp_path, data_dir, 40), "--resume"]) == 0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 40
+    steps = sorted(train_losses(read_metrics(run_dir)))
+    assert steps == list(range(30)) + list(range(30, 40)) or steps == list(range(40)), steps
+    assert json.loads((run_dir / "export" / "dvlx.json").read_text())["step"] == 40
+
+    # A finished run is skipped on --resume (what an interrupted sweep relies on).
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dvlx.fit"):
+        assert main([*args(tmp_path, data_dir, 40), "--resume"]) == 0
+    assert "finished earlier" in caplog.text
+
+
+def test_sweep_runs_each_variant(tmp_path: Path, data_dir: Path) -> None:
+    assert main([*args(tmp_path, data_dir, 3, "trainer.val_every_n_steps=3"),
+                 "--sweep", "optim.lr=0.001,0.002"]) == 0
+    root = tmp_path / "runs" / "tiny_vl_pretrain"
+    for value in ("0.001", "0.002"):
+        run_dir = root / f"optim.lr-{value}"
+        assert (run_dir / "export" / "dvlx.json").is_file()
+        assert f"lr: {value}" in (run_dir / "config.yaml").read_text()
