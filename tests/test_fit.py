@@ -97,3 +97,23 @@ def test_sweep_runs_each_variant(tmp_path: Path, data_dir: Path) -> None:
         run_dir = root / f"optim.lr-{value}"
         assert (run_dir / "export" / "dvlx.json").is_file()
         assert f"lr: {value}" in (run_dir / "config.yaml").read_text()
+
+
+def test_tiny_pretrain_learns_to_look(tmp_path: Path, data_dir: Path) -> None:
+    """Held-out masked-caption accuracy ends well above the best any image-blind model can reach."""
+    run = [
+        str(EXPERIMENT),
+        f"output_dir={tmp_path / 'runs'}",
+        f"data.synthetic_dir={tmp_path / 'captions'}",
+        "data.synthetic.num_train=2000",
+        "data.synthetic.num_val=128",
+        "trainer.max_steps=500",
+        "trainer.val_every_n_steps=250",
+        "trainer.progress_bar=false",
+    ]
+    assert main(run) == 0
+    rows = read_metrics(tmp_path / "runs" / "tiny_vl_pretrain" / "default")
+    final = [r for r in rows if r.get("val/acc_masked")][-1]
+    accuracy, bound = float(final["val/acc_masked"]), float(final["val/acc_text_only_bound"])
+    assert 0.5 < bound < 0.9
+    assert accuracy > bound + 0.1, (accuracy, bound)
