@@ -28,7 +28,7 @@ from dvlx.processing import IMAGE_PLACEHOLDER
 log = logging.getLogger(__name__)
 
 # Modules that define more subcommands (each calls `register_converter` at import).
-CONVERTER_MODULES: tuple[str, ...] = ()
+CONVERTER_MODULES: tuple[str, ...] = ("data_modules.convert_libero", "data_modules.convert_lerobot")
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]

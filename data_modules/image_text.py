@@ -34,6 +34,7 @@ from dvlx.processing import IGNORE_INDEX, IMAGE_PLACEHOLDER, ImageProcessor, Tok
 # Tags that keep the seeded random streams of different purposes apart.
 _SHARD_ORDER_TAG = 0
 _SHUFFLE_TAG = 1
+_GROUPING_TAG = 2
 
 
 def collate_image_text(
@@ -108,6 +109,7 @@ class ImageTextStream(IterableDataset):
         fault_min_samples: int = 50,
         rank: int = 0,
         world_size: int = 1,
+        length_grouping: int = 0,
     ) -> None:
         super().__init__()
         if not shards:
@@ -135,6 +137,7 @@ class ImageTextStream(IterableDataset):
         self.fault_min_samples = fault_min_samples
         self.rank = rank
         self.world_size = world_size
+        self.length_grouping = length_grouping if train else 0
         self.epoch = 0
         # Position of the stream this copy is producing (inside a worker): samples taken from the shards
         # that this (rank, worker) owns, and batches yielded, since the start of the epoch.
@@ -179,24 +182,29 @@ class ImageTextStream(IterableDataset):
         quota = self.worker_num_batches(worker, num_workers)
         if quota == 0:
             return
-        batch: list[dict[str, Any]] = []
+        batches = _group_by_length(
+            self._encoded(slot, slots, counter), self.batch_size, self.length_grouping,
+            np.random.default_rng([self.seed, self.epoch, _GROUPING_TAG, slot, slots]),
+        )
+        for batch in batches:
+            yield collate_image_text(batch, self.tokenizer.pad_token_id, counter.take())
+            self.batches_yielded += 1
+            if quota is not None and self.batches_yielded >= quota:
+                return
+
+    def _encoded(self, slot: int, slots: int, counter: FaultCounter) -> Iterator[dict[str, Any]]:
+        """Encoded samples of this slot; bad ones are counted and skipped."""
         for sample in self._owned_samples(slot, slots, counter):
             self.consumed += 1
             counter.seen()
             try:
-                batch.append(self.encode(sample))
+                encoded = self.encode(sample)
             except _Skip as skip:
                 counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
+                encoded = None
             counter.check(sample["__shard__"])
-            if len(batch) == self.batch_size:
-                yield collate_image_text(batch, self.tokenizer.pad_token_id, counter.take())
-                batch = []
-                self.batches_yielded += 1
-                if quota is not None and self.batches_yielded >= quota:
-                    return
-        if batch:
-            yield collate_image_text(batch, self.tokenizer.pad_token_id, counter.take())
-            self.batches_yielded += 1
+            if encoded is not None:
+                yield encoded
 
     def _owned_samples(self, slot: int, slots: int, counter: FaultCounter) -> Iterator[dict[str, Any]]:
         """Raw samples of this slot; for training shuffled and repeated pass after pass.
@@ -297,6 +305,37 @@ class ImageTextStream(IterableDataset):
         }
 
 
+def _group_by_length(
+    samples: Iterator[dict[str, Any]], batch_size: int, grouping: int, rng: np.random.Generator
+) -> Iterator[list[dict[str, Any]]]:
+    """Batches of `batch_size` samples; the last one may be partial.
+
+    With `grouping` > 1, `grouping` batches' worth of samples are gathered, sorted by token count (image tokens
+    included, since they are expanded in `input_ids`), cut into batches of neighbours, and yielded in a
+    seeded random order, so padding shrinks while batch lengths stay mixed over time.
+    """
+    group = batch_size * max(1, grouping)
+    pending: list[dict[str, Any]] = []
+
+    def flush(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        if grouping > 1:
+            items = sorted(items, key=lambda s: len(s["input_ids"]))
+        chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        if grouping > 1:
+            full = [c for c in chunks if len(c) == batch_size]
+            partial = [c for c in chunks if len(c) < batch_size]
+            chunks = [full[int(i)] for i in rng.permutation(len(full))] + partial
+        return chunks
+
+    for sample in samples:
+        pending.append(sample)
+        if len(pending) == group:
+            yield from flush(pending)
+            pending = []
+    if pending:
+        yield from flush(pending)
+
+
 def _shuffle(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """Seeded shuffle buffer: once `size` items are held, each new item replaces a random held one."""
     buffer: list[Any] = []
@@ -358,6 +397,7 @@ class ImageTextDataModule(LightningDataModule):
         generate: Callable[[], Any] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        length_grouping: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -384,6 +424,7 @@ class ImageTextDataModule(LightningDataModule):
         self.generate = generate
         self.rank_override = rank
         self.world_size_override = world_size
+        self.length_grouping = length_grouping
         self.epoch = 0
         self.train_shards: list[str] = []
         self.val_shards: list[str] = []
@@ -454,6 +495,7 @@ class ImageTextDataModule(LightningDataModule):
             fault_min_samples=self.fault_min_samples,
             rank=rank,
             world_size=world,
+            length_grouping=self.length_grouping,
         )
 
     def train_dataloader(self) -> EpochDataLoader:

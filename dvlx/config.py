@@ -36,6 +36,9 @@ class BackboneConfig:
     attn_implementation: str = "sdpa"
     """transformers attention kernel: `sdpa` or `eager`."""
     gradient_checkpointing: bool = False
+    init_checkpoint: str | None = None
+    """A dvlx Lightning checkpoint whose `backbone.*` weights are loaded over the model built from
+    `pretrained`/`preset` (e.g. the projector of a pre-training run); optimiser state is not taken."""
 
 
 @dataclass
@@ -51,15 +54,26 @@ class SyntheticDataConfig:
     """A dataset the package generates itself (demo and tests) when `data.train` does not exist yet."""
 
     kind: str = "captions"
+    """`captions`, `vqa` (image-text) or `robosuite-lift`, `robosuite-lift-color` (trajectories)."""
     num_train: int = 2000
+    """Samples (image-text) or episodes (simulator demonstrations)."""
     num_val: int = 200
     image_size: int = 112
     seed: int = 0
 
 
 @dataclass
+class DatasetEntry:
+    """One trajectory dataset of a mixture: a shard folder and its sampling weight."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     kind: str = "image_text"
+    """`image_text` (VL stages) or `trajectory` (VLA stage)."""
     train: str | None = None
     """Shard directory (with meta.json), glob, brace pattern `a-{000000..000009}.tar`, or comma list."""
     val: str | None = None
@@ -77,6 +91,24 @@ class DataConfig:
     """EOS tokens appended (and supervised) after the last turn: a fixed, batch-independent amount."""
     max_fault_fraction: float = 0.1
     """Stop the run when more than this fraction of samples is corrupt (they are skipped and counted)."""
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    """Trajectory datasets (a weighted mixture); a single one may be given as `train` instead."""
+    horizon: int = 8
+    """Action chunk H trained and predicted (at most the shards' max_horizon)."""
+    cameras: list[str] | None = None
+    """Cameras fed to the model, in this order; None = all cameras of the first dataset."""
+    use_proprio: bool = True
+    normalization: str = "bounds_q99"
+    image_size: int = 224
+    augment: bool = True
+    """Random 90 %-area crops and colour jitter (trajectory data); inference then uses the centre crop."""
+    val_episodes: float = 0.05
+    """Episodes held out per dataset for validation: a fraction (< 1) or a count (>= 1)."""
+    balance: bool = True
+    """Multiply mixture weights by dataset sizes (Open-X style)."""
+    length_grouping: int = 0
+    """If > 1, each worker gathers this many batches' worth of samples, sorts them by token count (image
+    tokens included) and batches neighbours together, so padding shrinks; 0 or 1 = off."""
 
 
 @dataclass
@@ -92,6 +124,10 @@ class OptimConfig:
     """Overrides `warmup_ratio` when set."""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    lr_vision: float | None = None
+    """Learning rate of the trainable vision blocks and merger (the paper: 2e-6); None = `lr`."""
+    lr_projector: float | None = None
+    """Learning rate of the projector; None = `lr`."""
     global_batch_size: int | None = None
     """If set, gradient accumulation = global / (per-device batch * devices * nodes), which must divide."""
 
@@ -123,6 +159,43 @@ class DiffusionConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (`rank` 0 = full fine-tuning of `stage.trainable`)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module-name suffixes to adapt; `all-linear` = every nn.Linear of the backbone except lm_head."""
+    train_action_rows: bool = True
+    """With token objectives, also train the embedding and output rows of the action tokens."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """The action objective of the VLA stage (`dvlx/objectives/<name>.py`)."""
+
+    name: str = "flow_matching"
+    """`discrete`, `discrete_diffusion`, `l1`, `diffusion`, `flow_matching` or `ar`."""
+    steps: int | None = None
+    """Inference steps; None = the objective's default (flow 4, DDIM 50, discrete diffusion 1)."""
+    num_bins: int = 256
+    """Action-token bins over the normalised range [-1, 1] (token objectives)."""
+    head_blocks: int = 2
+    """Residual blocks of the MLP-ResNet heads (continuous objectives)."""
+    train_timesteps: int = 50
+    """Discrete noise levels of the DDIM objective."""
+    time_sampler: str = "beta"
+    """Flow matching training times: `beta` (Beta(1.5, 1) towards noise) or `uniform`."""
+    weighting: str = "cart"
+    """Token weighting of the discrete-diffusion loss (`cart` or `none`)."""
+    supervise_suffix: bool = True
+    """Token objectives also predict the `<|im_end|>` and newline after the actions."""
+    use_cache: bool = True
+    """Reuse the prompt's KV cache across sampling steps where it is exact (`prefix` attention)."""
+
+
+@dataclass
 class StageConfig:
     name: str = "vl_pretrain"
     trainable: list[str] | None = None
@@ -131,6 +204,8 @@ class StageConfig:
     vision_from_block: int = 0
     """With `vision` trainable: vision blocks before this index stay frozen (the paper unfreezes from 16)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    val_sample_batches: int = 2
+    """VLA: validation batches on which actions are also sampled (`val/l1_sampled`)."""
     val_t: float = 1.0
     """Diffusion time used for validation masking (1.0 masks every target token)."""
 
@@ -148,6 +223,9 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Used by the `vla` stage only."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -159,6 +237,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 WEIGHTINGS = ("cart", "none")
 TEMPLATES = ("plain", "qwen_2_5")
 TRAINABLE_PARTS = ("projector", "lm", "vision", "merger")
+SYNTHETIC_KINDS = ("captions", "vqa", "robosuite-lift", "robosuite-lift-color")
+DATA_KINDS = ("image_text", "trajectory")
+NORMALIZATION_MODES = ("bounds_q99", "bounds", "mean_std")
 PRESETS = ("tiny", "7b")
 
 
@@ -173,7 +254,8 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"key '{key}': '{value}' is not one of {list(choices)}{hint}")
 
 
-def validate(cfg: ExperimentConfig, stage_names: tuple[str, ...] = ()) -> None:
+def validate(cfg: ExperimentConfig, stage_names: tuple[str, ...] = (),
+             objective_names: tuple[str, ...] = ()) -> None:
     """Checks that need more than one key or a closed set of choices; raises ConfigError naming the key."""
     _check_choice("backbone.attention", cfg.backbone.attention, ATTENTION_CHOICES)
     if cfg.backbone.pretrained is None:
@@ -183,6 +265,8 @@ def validate(cfg: ExperimentConfig, stage_names: tuple[str, ...] = ()) -> None:
     _check_choice("data.template", cfg.data.template, TEMPLATES)
     if stage_names:
         _check_choice("stage.name", cfg.stage.name, stage_names)
+    if objective_names and cfg.stage.name == "vla":
+        _check_choice("objective.name", cfg.objective.name, objective_names)
     for part in cfg.stage.trainable or ():
         _check_choice("stage.trainable", part, TRAINABLE_PARTS)
     positive = {
@@ -213,7 +297,19 @@ def validate(cfg: ExperimentConfig, stage_names: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"key 'data.max_fault_fraction': must be in [0, 1], got {fraction}")
     if not 0.0 < cfg.stage.val_t <= 1.0:
         raise ConfigError(f"key 'stage.val_t': must be in (0, 1], got {cfg.stage.val_t}")
-    if cfg.data.train is None and cfg.data.synthetic is None:
+    for key in ("lr_vision", "lr_projector"):
+        value = getattr(cfg.optim, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"key 'optim.{key}': must be positive, got {value}")
+    _check_choice("data.kind", cfg.data.kind, DATA_KINDS)
+    _check_choice("data.normalization", cfg.data.normalization, NORMALIZATION_MODES)
+    if cfg.data.synthetic is not None:
+        _check_choice("data.synthetic.kind", cfg.data.synthetic.kind, SYNTHETIC_KINDS)
+    if cfg.lora.rank < 0:
+        raise ConfigError(f"key 'lora.rank': must be >= 0, got {cfg.lora.rank}")
+    if cfg.data.horizon < 1:
+        raise ConfigError(f"key 'data.horizon': must be >= 1, got {cfg.data.horizon}")
+    if cfg.data.train is None and cfg.data.synthetic is None and not cfg.data.datasets:
         raise ConfigError("key 'data.train': no training data given (set data.train or data.synthetic)")
 
 
@@ -270,7 +366,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                stage_names: tuple[str, ...] = ()) -> ExperimentConfig:
+                stage_names: tuple[str, ...] = (), objective_names: tuple[str, ...] = ()) -> ExperimentConfig:
     """Reads an experiment YAML (with its `extends` chain), applies `key=value` overrides, validates."""
     path = Path(path)
     merged = OmegaConf.structured(ExperimentConfig)
@@ -292,7 +388,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
     try:
-        validate(cfg, stage_names)
+        validate(cfg, stage_names, objective_names)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return cfg

@@ -23,6 +23,8 @@ from dvlx.export import EXPORT_MARKER
 
 log = logging.getLogger("dvlx.fit")
 
+FINAL_METRICS = "final_metrics.json"
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,10 +57,11 @@ def sweep_variants(sweeps: list[str]) -> list[tuple[str, list[str]]]:
     return variants
 
 
-def _stage_names() -> tuple[str, ...]:
+def _registries() -> dict[str, tuple[str, ...]]:
+    from dvlx.objectives import OBJECTIVES
     from dvlx.stages import STAGES
 
-    return tuple(STAGES)
+    return {"stage_names": tuple(STAGES), "objective_names": tuple(OBJECTIVES)}
 
 
 def _configure_logging() -> None:
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = sweep_variants(args.sweep)
         configs = []
         for variant, extra in variants:
-            cfg = load_config(args.experiment, [*args.overrides, *extra], stage_names=_stage_names())
+            cfg = load_config(args.experiment, [*args.overrides, *extra], **_registries())
             if variant:
                 cfg = replace(cfg, variant=variant)
             configs.append(cfg)
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    if args.sweep:
+        table = write_sweep_table(configs, args.sweep)
+        print(table.read_text())
     return 0 if all(r == 0 for r in results) else 1
 
 
@@ -163,10 +169,12 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> int:
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     tokenizer = build_tokenizer(cfg)
+    add_action_tokens(cfg, tokenizer)
     image_processor = build_image_processor(cfg)
     backbone = build_backbone(cfg, tokenizer)
-    stage = build_stage(cfg, backbone)
     datamodule = build_datamodule(cfg, tokenizer, image_processor)
+    spec = action_spec(cfg, datamodule)
+    stage = build_stage(cfg, backbone, tokenizer, spec)
     trainer = build_trainer(cfg, tokenizer, image_processor)
     log.info(
         "run %s: %s, %d trainable of %d parameters, global batch %d (%d per device x %d devices x %d "
@@ -178,9 +186,28 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> int:
     )
     trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     final = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
-    if final and trainer.is_global_zero:
-        print(f"{run_dir} step {trainer.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    if trainer.is_global_zero:
+        write_atomic(run_dir / FINAL_METRICS, json.dumps({"step": trainer.global_step, **final}, indent=2))
+        if final:
+            print(f"{run_dir} step {trainer.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return 0
+
+
+def write_sweep_table(configs: list[ExperimentConfig], sweeps: list[str]) -> Path:
+    """`runs/<experiment>/sweep.md`: the final validation metrics of every variant, one row each."""
+    rows = []
+    for cfg in configs:
+        path = cfg.run_dir / FINAL_METRICS
+        rows.append((cfg.variant, json.loads(path.read_text()) if path.is_file() else {}))
+    keys = sorted({k for _, metrics in rows for k in metrics if k != "step"})
+    lines = [f"# Sweep of {configs[0].name}: {' '.join('--sweep ' + s for s in sweeps)}", "",
+             "| variant | step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for variant, metrics in rows:
+        cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys]
+        lines.append(f"| {variant} | {metrics.get('step', '-')} | " + " | ".join(cells) + " |")
+    out = Path(configs[0].output_dir) / configs[0].name / "sweep.md"
+    write_atomic(out, "\n".join(lines) + "\n")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -206,6 +233,32 @@ def build_tokenizer(cfg: ExperimentConfig):
             "(backbone.tokenizer or backbone.pretrained)"
         )
     return build_tiny_tokenizer()
+
+
+def add_action_tokens(cfg: ExperimentConfig, tokenizer) -> None:
+    """Token objectives need `<|action_k|>` in the vocabulary; added here, before the backbone is built."""
+    if cfg.stage.name != "vla":
+        return
+    from dvlx.objectives import objective_class
+
+    if getattr(objective_class(cfg.objective.name), "uses_action_tokens", False):
+        from dvlx.processing.action_tokens import ActionTokenizer
+
+        added = ActionTokenizer(tokenizer, num_bins=cfg.objective.num_bins).ensure_tokens()
+        if added:
+            log.info("added %d action tokens to the tokenizer", added)
+
+
+def action_spec(cfg: ExperimentConfig, datamodule):
+    """The VLA stage's action spec, read from the data (H from config; A, S, cameras, statistics from meta)."""
+    if cfg.stage.name != "vla":
+        return None
+    datamodule.prepare_data()
+    try:
+        datamodule.setup("fit")
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    return datamodule.action_spec
 
 
 def build_image_processor(cfg: ExperimentConfig):
@@ -235,33 +288,68 @@ def build_backbone(cfg: ExperimentConfig, tokenizer):
     else:
         config = preset_config(cfg.backbone.preset, vocab_size=len(tokenizer), **tokenizer.special_ids())
         backbone = DreamVL(config, attn_implementation=cfg.backbone.attn_implementation)
+    if len(tokenizer) > backbone.config.vocab_size:
+        # Tokens added for this stage (action tokens) beyond the checkpoint's embedding rows.
+        backbone.resize_token_embeddings(len(tokenizer))
+    if cfg.backbone.init_checkpoint is not None:
+        load_backbone_checkpoint(backbone, cfg.backbone.init_checkpoint)
     if cfg.backbone.gradient_checkpointing:
         backbone.gradient_checkpointing_enable()
     return backbone
 
 
-def build_stage(cfg: ExperimentConfig, backbone):
+def load_backbone_checkpoint(backbone, path: str) -> None:
+    """Loads the `backbone.*` tensors of a dvlx Lightning checkpoint over `backbone` (shapes must match)."""
+    import torch
+
+    if not Path(path).is_file():
+        raise ConfigError(f"key 'backbone.init_checkpoint': {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files raise many types
+        raise ConfigError(f"key 'backbone.init_checkpoint': {path} is not a readable checkpoint ({err})") from None
+    prefix = "backbone."
+    tensors = {k[len(prefix):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
+    if not tensors:
+        raise ConfigError(f"key 'backbone.init_checkpoint': {path} holds no backbone.* weights")
+    own = backbone.state_dict()
+    unknown = sorted(k for k in tensors if k not in own)
+    bad_shape = sorted(k for k in tensors if k in own and tuple(own[k].shape) != tuple(tensors[k].shape))
+    if unknown or bad_shape:
+        raise ConfigError(
+            f"key 'backbone.init_checkpoint': {path} does not fit the model: unknown {unknown[:5]}, "
+            f"mis-shaped {bad_shape[:5]}"
+        )
+    backbone.load_state_dict(tensors, strict=False)
+    log.info("loaded %d backbone tensors from %s", len(tensors), path)
+
+
+def build_stage(cfg: ExperimentConfig, backbone, tokenizer=None, spec=None):
     from dvlx.stages import STAGES
 
+    if cfg.stage.name == "vla":
+        return STAGES["vla"](cfg, backbone, tokenizer, spec)
     return STAGES[cfg.stage.name](cfg, backbone)
 
 
 def build_datamodule(cfg: ExperimentConfig, tokenizer, image_processor):
+    if cfg.data.kind == "trajectory":
+        return build_trajectory_datamodule(cfg, tokenizer, image_processor)
     from data_modules.image_text import ImageTextDataModule
 
     data = cfg.data
     train, val, generate = data.train, data.val, None
     if data.synthetic is not None:
-        from data_modules.synthetic import generate_captions
+        from data_modules.synthetic import generate_captions, generate_vqa
 
         syn = data.synthetic
+        writer = {"captions": generate_captions, "vqa": generate_vqa}[syn.kind]
         root = Path(data.synthetic_dir)
         train = train or str(root / "train")
         val = val or str(root / "val")
 
         def generate() -> None:
-            generate_captions(root, num_train=syn.num_train, num_val=syn.num_val,
-                              image_size=syn.image_size, seed=syn.seed)
+            writer(root, num_train=syn.num_train, num_val=syn.num_val, image_size=syn.image_size, seed=syn.seed)
 
     elif not Path(train).exists() and not any(ch in train for ch in "*{,"):
         raise ConfigError(f"key 'data.train': {train} does not exist")
@@ -270,6 +358,38 @@ def build_datamodule(cfg: ExperimentConfig, tokenizer, image_processor):
         batch_size=data.batch_size, val_batch_size=data.val_batch_size, num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer, max_length=data.max_length, num_eos=data.num_eos,
         seed=cfg.trainer.seed, max_fault_fraction=data.max_fault_fraction, generate=generate,
+        length_grouping=data.length_grouping,
+    )
+
+
+def build_trajectory_datamodule(cfg: ExperimentConfig, tokenizer, image_processor):
+    from data_modules.trajectory import TrajectoryDataModule
+
+    data = cfg.data
+    datasets = [{"path": d.path, "weight": d.weight} for d in data.datasets]
+    generate = None
+    if data.synthetic is not None:
+        from data_modules.demos import generate_demos
+
+        syn = data.synthetic
+        root = Path(data.synthetic_dir)
+        datasets = datasets or [{"path": str(root), "weight": 1.0}]
+
+        def generate() -> None:
+            generate_demos(syn.kind, root, episodes=syn.num_train, seed=syn.seed, image_size=syn.image_size)
+
+    elif data.train is not None:
+        datasets = datasets or [{"path": data.train, "weight": 1.0}]
+    for entry in datasets:
+        if data.synthetic is None and not Path(entry["path"]).exists():
+            raise ConfigError(f"key 'data.datasets': {entry['path']} does not exist")
+    return TrajectoryDataModule(
+        datasets=datasets, tokenizer=tokenizer, image_processor=image_processor, horizon=data.horizon,
+        batch_size=data.batch_size, val_batch_size=data.val_batch_size, cameras=data.cameras,
+        use_proprio=data.use_proprio, normalization=data.normalization, image_size=data.image_size,
+        augment=data.augment, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
+        seed=cfg.trainer.seed, val_episodes=data.val_episodes, balance=data.balance,
+        max_fault_fraction=data.max_fault_fraction, generate=generate,
     )
 
 

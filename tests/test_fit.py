@@ -97,6 +97,9 @@ def test_sweep_runs_each_variant(tmp_path: Path, data_dir: Path) -> None:
         run_dir = root / f"optim.lr-{value}"
         assert (run_dir / "export" / "dvlx.json").is_file()
         assert f"lr: {value}" in (run_dir / "config.yaml").read_text()
+    table = (root / "sweep.md").read_text()
+    assert "| optim.lr-0.001 | 3 |" in table and "| optim.lr-0.002 | 3 |" in table
+    assert "val/acc_masked" in table
 
 
 def test_tiny_pretrain_learns_to_look(tmp_path: Path, data_dir: Path) -> None:

@@ -603,3 +603,22 @@ def test_synthetic_vqa_answers_match_the_image(tmp_path, tokenizer, processor):
     )
     (batch,) = list(dm.val_dataloader())
     assert batch["input_ids"].shape[0] == 12 and sum(batch["faults"].values()) == 0
+
+
+def test_length_grouping_batches_neighbours() -> None:
+    from data_modules.image_text import _group_by_length
+
+    rng_lengths = np.random.default_rng(0).integers(5, 100, size=64)
+    samples = [{"input_ids": [0] * int(n)} for n in rng_lengths]
+    plain = list(_group_by_length(iter(samples), 4, 0, np.random.default_rng(1)))
+    grouped = list(_group_by_length(iter(samples), 4, 8, np.random.default_rng(1)))
+
+    def padding(batches):
+        return sum(max(len(s["input_ids"]) for s in b) * len(b) - sum(len(s["input_ids"]) for s in b)
+                   for b in batches)
+
+    assert [len(b) for b in grouped] == [4] * 16
+    assert sorted(len(s["input_ids"]) for b in grouped for s in b) == sorted(int(n) for n in rng_lengths)
+    assert padding(grouped) < 0.5 * padding(plain)
+    again = list(_group_by_length(iter(samples), 4, 8, np.random.default_rng(1)))
+    assert [[len(s["input_ids"]) for s in b] for b in again] == [[len(s["input_ids"]) for s in b] for b in grouped]

@@ -30,7 +30,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLVisionRotaryEmbedding,
 )
 
-from dvlx.backbone.config import ATTENTION_MODES, DreamVLConfig
+from dvlx.backbone.config import ATTENTION_MODES, SPECIAL_TOKEN_FIELDS, DreamVLConfig
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 VISION_ROPE_THETA = 10000.0
@@ -169,6 +169,43 @@ class DreamVL(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    # ---------------------------------------------------------------------------------- vocabulary
+    def resize_token_embeddings(self, new_vocab_size: int) -> None:
+        """Grow or shrink the rows of `model.embed_tokens` and `lm_head` to `new_vocab_size`.
+
+        Kept rows keep their values; new rows are drawn from N(0, initializer_range), the rule these two
+        layers are initialised with. dtype, device, requires_grad and the embedding's padding_idx (the pad
+        id) are kept; the configs' vocab_size follows. Every special id must stay inside the vocabulary.
+        The parameters are replaced, so resize before building an optimiser.
+        """
+        if isinstance(new_vocab_size, bool) or not isinstance(new_vocab_size, int):
+            raise ValueError(f"resize_token_embeddings: new_vocab_size must be an int, got {new_vocab_size!r}")
+        special = {name: getattr(self.config, name) for name in SPECIAL_TOKEN_FIELDS}
+        outside = {name: value for name, value in special.items() if value >= new_vocab_size}
+        if new_vocab_size < 1 or outside:
+            raise ValueError(
+                f"resize_token_embeddings: new_vocab_size {new_vocab_size} must exceed every special id, "
+                f"but {outside} would fall outside"
+            )
+        old_size = self.config.vocab_size
+        if new_vocab_size == old_size:
+            return
+        embed = self.model.embed_tokens
+        for module in (embed, self.lm_head):
+            old = module.weight
+            with torch.no_grad():
+                rows = old.new_empty((new_vocab_size, old.shape[1]))  # [V, D]
+                keep = min(old_size, new_vocab_size)
+                rows[:keep] = old[:keep]
+                if new_vocab_size > old_size:
+                    nn.init.normal_(rows[old_size:], std=self.config.initializer_range)
+            module.weight = nn.Parameter(rows, requires_grad=old.requires_grad)
+        embed.num_embeddings = new_vocab_size
+        self.lm_head.out_features = new_vocab_size
+        self.config.vocab_size = new_vocab_size
+        self.model.config.vocab_size = new_vocab_size
+        self.model.vocab_size = new_vocab_size
 
     # --------------------------------------------------------------------------------- checkpoints
     @classmethod

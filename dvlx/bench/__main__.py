@@ -10,6 +10,7 @@ from dvlx.config import did_you_mean
 BENCHMARKS = {
     "loss": "O(L) CART weights + masked-diffusion loss against the L x L table formulation",
     "data": "image-text samples/s per worker against a plain JPEG-decode loop",
+    "generate": "generated tokens/s with and without the prefix KV cache against full recomputation",
 }
 
 

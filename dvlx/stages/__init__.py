@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dvlx.stages.base import DiffusionStage, lr_factor
+from dvlx.stages.vl_instruct import VLInstruct
 from dvlx.stages.vl_pretrain import VLPretrain
+from dvlx.stages.vla import VLA
 
-STAGES: dict[str, type[DiffusionStage]] = {
+STAGES: dict[str, type] = {
     "vl_pretrain": VLPretrain,
+    "vl_instruct": VLInstruct,
+    "vla": VLA,
 }
 
-__all__ = ["STAGES", "DiffusionStage", "VLPretrain", "lr_factor"]
+__all__ = ["STAGES", "VLA", "DiffusionStage", "VLInstruct", "VLPretrain", "lr_factor"]

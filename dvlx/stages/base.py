@@ -39,6 +39,39 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * decay
 
 
+def part_modules(backbone: DreamVL, vision_from_block: int) -> dict[str, list[torch.nn.Module]]:
+    """The modules behind each name of `stage.trainable`."""
+    return {
+        "projector": [backbone.projector],
+        "lm": [backbone.model, backbone.lm_head],
+        "vision": [*backbone.visual.blocks[vision_from_block:], backbone.visual.merger],
+        "merger": [backbone.visual.merger],
+    }
+
+
+def unfreeze_parts(backbone: DreamVL, parts, vision_from_block: int) -> None:
+    """Freezes the backbone, then unfreezes the named parts."""
+    backbone.requires_grad_(False)
+    modules = part_modules(backbone, vision_from_block)
+    for part in parts:
+        for module in modules[part]:
+            module.requires_grad_(True)
+
+
+def build_optimizer(module: torch.nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int) -> dict:
+    """AdamW over `groups` (every trainable parameter of `module` must be in one) with the LR schedule."""
+    grouped = {id(p) for g in groups for p in g["params"]}
+    missing = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in grouped]
+    if missing:
+        raise RuntimeError(f"{len(missing)} trainable parameters are in no optimiser group: {missing[:5]}")
+    optimizer = torch.optim.AdamW(
+        groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    # LambdaLR scales each group's own base LR, so per-part learning rates keep their ratios.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, total_steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class DiffusionStage(LightningModule):
     """A stage trained with the masked-diffusion loss over the tokens whose label is not IGNORE_INDEX.
 
@@ -69,24 +102,9 @@ class DiffusionStage(LightningModule):
         self._val_text_only: Counter = Counter()
         self._val_positions: dict[tuple[int, int], Counter] = {}
 
-    def trainable_modules(self) -> dict[str, list[torch.nn.Module]]:
-        """The modules behind each name in `stage.trainable`."""
-        backbone = self.backbone
-        from_block = self.cfg.stage.vision_from_block
-        return {
-            "projector": [backbone.projector],
-            "lm": [backbone.model, backbone.lm_head],
-            "vision": [*backbone.visual.blocks[from_block:], backbone.visual.merger],
-            "merger": [backbone.visual.merger],
-        }
-
     def configure_trainable(self) -> None:
         parts = self.cfg.stage.trainable if self.cfg.stage.trainable is not None else self.default_trainable
-        self.backbone.requires_grad_(False)
-        modules = self.trainable_modules()
-        for part in parts:
-            for module in modules[part]:
-                module.requires_grad_(True)
+        unfreeze_parts(self.backbone, parts, self.cfg.stage.vision_from_block)
         self._frozen_eval()
 
     def _frozen_eval(self) -> None:
@@ -100,8 +118,23 @@ class DiffusionStage(LightningModule):
         self._frozen_eval()
 
     def param_groups(self) -> list[dict]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": params, "name": "trainable"}]
+        """Trainable parameters split by part, each group with its configured learning rate."""
+        optim = self.cfg.optim
+        groups: dict[str, dict] = {
+            "vision": {"params": [], "name": "vision", "lr": optim.lr_vision or optim.lr},
+            "projector": {"params": [], "name": "projector", "lr": optim.lr_projector or optim.lr},
+            "other": {"params": [], "name": "other", "lr": optim.lr},
+        }
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("backbone.visual."):
+                groups["vision"]["params"].append(param)
+            elif name.startswith("backbone.projector."):
+                groups["projector"]["params"].append(param)
+            else:
+                groups["other"]["params"].append(param)
+        return [g for g in groups.values() if g["params"]]
 
     # ----------------------------------------------------------------------------------------- steps
     def _diffusion_loss(self, batch: dict, t: Tensor | None = None, generator: torch.Generator | None = None):
@@ -161,21 +194,7 @@ class DiffusionStage(LightningModule):
 
     # ------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
-        optim = self.cfg.optim
-        groups = self.param_groups()
-        missing = {id(p) for p in self.parameters() if p.requires_grad} - {
-            id(p) for g in groups for p in g["params"]
-        }
-        if missing:
-            raise RuntimeError(f"{len(missing)} trainable parameters are in no optimiser group")
-        optimizer = torch.optim.AdamW(
-            groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
-        )
-        total = self.cfg.trainer.max_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, optim, total)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizer(self, self.param_groups(), self.cfg.optim, self.cfg.trainer.max_steps)
 
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,68 @@
+"""LoRA adapters on the backbone through peft, and merging them back into plain weights for export.
+
+Adapters are injected in place (`peft.inject_adapter_in_model`), so the module tree keeps the official names
+plus peft's `base_layer`/`lora_A`/`lora_B` levels; `merge_lora` folds them into the base weights and restores
+the plain modules, after which `save_pretrained` writes the official layout again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+
+
+def lora_target_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Full names of the nn.Linear modules to adapt: `all-linear` means every one except `lm_head` (the output
+    layer, as peft's shorthand); other entries are name suffixes such as `q_proj` or `visual.merger.mlp.0`."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if ALL_LINEAR in targets:
+        chosen = [name for name in linear if name != "lm_head"]
+    else:
+        chosen = [name for name in linear if any(name == t or name.endswith("." + t) for t in targets)]
+    if not chosen:
+        raise ValueError(f"lora.targets {list(targets)} match no nn.Linear module of the backbone")
+    return chosen
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targets: Sequence[str],
+               trainable_token_ids: Sequence[int] | None = None) -> list[str]:
+    """Freezes `model`, injects LoRA adapters (and, with `trainable_token_ids`, trainable deltas for those rows of
+    `model.embed_tokens` and `lm_head`). Returns the adapted module names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = lora_target_names(model, targets)
+    tokens = None
+    if trainable_token_ids:
+        ids = sorted(int(i) for i in trainable_token_ids)
+        tokens = {"embed_tokens": ids, "lm_head": ids}
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                        trainable_token_indices=tokens)
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model)
+    return names
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Folds every adapter into its base weight and puts the plain module back; returns how many were merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import TrainableTokensWrapper
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            _replace(model, name, module.get_base_layer())
+            merged += 1
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TrainableTokensWrapper):
+            _replace(model, name, module.token_adapter)
+    return merged
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
