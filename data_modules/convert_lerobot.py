@@ -82,24 +82,27 @@ def _parquet():
 
 
 def _read_parquet_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of metadata parquet files, without v3.0's per-episode `stats/...` columns."""
     pq = _parquet()
     rows: list[dict[str, Any]] = []
     for path in paths:
         try:
-            rows.extend(pq.read_table(path).to_pylist())
+            columns = [n for n in pq.read_schema(path).names if not n.startswith("stats/")]
+            rows.extend(pq.read_table(path, columns=columns).to_pylist())
         except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
             raise ValueError(f"{path}: cannot read parquet ({type(error).__name__}: {error})") from None
     return rows
 
 
 def feature_names(feature: dict[str, Any], dim: int) -> list[str] | None:
-    """The per-dimension names of an info.json feature (a list, or a dict holding one list), if they fit."""
+    """The per-dimension names of an info.json feature (a list, or a dict holding one list), if they fit;
+    a repeated name gets its index appended (`gripper`, `gripper_7`) since shard names must be distinct."""
     names = feature.get("names")
     if isinstance(names, dict) and len(names) == 1:
         names = next(iter(names.values()))
-    if isinstance(names, list) and len(names) == dim and all(isinstance(n, str) for n in names):
-        return list(names)
-    return None
+    if not (isinstance(names, list) and len(names) == dim and all(isinstance(n, str) for n in names)):
+        return None
+    return [n if n not in names[:i] else f"{n}_{i}" for i, n in enumerate(names)]
 
 
 def camera_name(key: str) -> str:
@@ -325,7 +328,7 @@ def read_episode(
     columns = [action_key] + ([state_key] if state_key else [])
     columns += [c for c in cameras if dataset.features[c]["dtype"] == "image"]
     table = dataset.episode_table(episode, columns)
-    where = f"{dataset.data_file(episode)} episode {index}"
+    where = dataset.data_file(episode)
     if table.num_rows == 0:
         raise BadEpisode("empty_episode", f"{where}: no rows")
     actions = _float_rows(table, action_key, where)

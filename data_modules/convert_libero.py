@@ -257,7 +257,10 @@ def read_proprio(obs: Any) -> np.ndarray:
     else:
         raise BadEpisode("missing_key", "no end-effector pose: need obs/ee_states, obs/ee_pos + obs/ee_ori "
                                         "or obs/robot0_eef_pos + obs/robot0_eef_quat")
-    gripper_key = "gripper_states" if "gripper_states" in obs else "robot0_gripper_qpos"
+    gripper_key = next((k for k in ("gripper_states", "robot0_gripper_qpos") if k in obs), None)
+    if gripper_key is None:
+        raise BadEpisode("missing_key", "no gripper joints: need obs/gripper_states or "
+                                        "obs/robot0_gripper_qpos")
     gripper = _read(obs, gripper_key, "obs/")
     if pos.ndim != 2 or ori.ndim != 2 or pos.shape[1] != 3 or ori.shape[1] not in (3, 4):
         raise BadEpisode("bad_shape", f"end-effector pose must be [T, 3] position and [T, 3] axis-angle or "

@@ -59,7 +59,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.task not in sim.ENV_NAMES:
             raise ValueError(f"task must be one of {list(sim.ENV_NAMES)}, got {self.task!r}")
-        for key, low in (("episodes", 1), ("image_size", 8), ("max_horizon", 1), ("workers", 1),
+        for key, low in (("episodes", 1), ("seed", 0), ("image_size", 8), ("max_horizon", 1), ("workers", 1),
                          ("max_steps", 1), ("post_success_steps", 0), ("jpeg_quality", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
@@ -184,17 +184,18 @@ def _existing(out: str, params: dict[str, Any]) -> str:
 def generate_demos(config: DemoConfig) -> dict[str, Any]:
     """Write `config.episodes` successful expert episodes to `config.out` (see the module docstring).
 
-    Returns a summary: out, cached, episodes, attempts, expert_success_rate, seconds, seconds_per_episode
-    (wall time per attempted episode), steps_per_second."""
-    # Imported here: worker processes import this module and need neither torch nor the writer.
-    from data_modules.trajectory import TrajectoryShardWriter
-
+    Returns a summary: out, cached, episodes, attempts, expert_success_rate, failed_indices, episode_indices
+    and, unless cached, seconds, seconds_per_episode (wall time per attempted episode), steps_per_second and
+    workers."""
     params = config.params()
     state = _existing(config.out, params)
     if state == "same":
         meta = read_meta(config.out)
         log.info("%s already holds these %d episodes; nothing to do", config.out, meta["num_episodes"])
         return {"out": config.out, "cached": True, "episodes": meta["num_episodes"], **meta["expert"]}
+    # Imported here: worker processes import this module and need neither torch nor the writer.
+    from data_modules.trajectory import TrajectoryShardWriter
+
     if state == "foreign":
         raise FileExistsError(
             f"{config.out} holds files not written by {GENERATOR}; refusing to overwrite them"
@@ -265,24 +266,27 @@ def generate_demos(config: DemoConfig) -> dict[str, Any]:
                 f"{config.task}: the expert succeeded in only {len(indices)} of {attempts} episodes "
                 f"(seed {config.seed}); {config.episodes} were asked for"
             )
-        seconds = time.perf_counter() - start
         expert = {
             "attempts": attempts,
             "expert_success_rate": len(indices) / attempts,
             "failed_indices": failed,
             "episode_indices": indices,
-            "seconds": round(seconds, 2),
-            "seconds_per_episode": round(seconds / attempts, 3),
-            "steps_per_second": round(steps / seconds, 2),
-            "workers": config.workers,
         }
-        # Known only now; the writer merges extra_meta into meta.json when the block closes.
+        # Known only now; the writer merges extra_meta into meta.json when the block closes. Timings stay
+        # out of meta.json so that the same parameters give the same file.
         writer.extra_meta["expert"] = expert
+    seconds = time.perf_counter() - start
+    timing = {
+        "seconds": seconds,
+        "seconds_per_episode": seconds / attempts,
+        "steps_per_second": steps / seconds,
+        "workers": config.workers,
+    }
     log.info(
         "wrote %d episodes to %s: expert success %d/%d, %.1f s (%.2f s per episode, %d workers)",
         len(indices), config.out, len(indices), attempts, seconds, seconds / attempts, config.workers,
     )
-    return {"out": config.out, "cached": False, "episodes": len(indices), **expert}
+    return {"out": config.out, "cached": False, "episodes": len(indices), **expert, **timing}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,10 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+# robosuite takes the EGL device from CUDA_VISIBLE_DEVICES unless MUJOCO_EGL_DEVICE_ID is set, and fails on a
+# value that is not a list of device numbers (an empty one hides the GPUs from torch): use the first device.
+if not os.environ.get("CUDA_VISIBLE_DEVICES", "0").replace(",", "").isdigit():
+    os.environ.setdefault("MUJOCO_EGL_DEVICE_ID", "0")
 
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -255,6 +259,9 @@ def observation(env) -> dict[str, Any]:
     episode's `instruction`."""
     sim = env.sim
     size = env.dvlx_image_size
+    # robosuite renders into whichever OpenGL context is current: with several environments in a process,
+    # that is the one created last unless this environment's is made current.
+    sim._render_context_offscreen.gl_ctx.make_current()
     images = {
         camera: orient_image(sim.render(camera_name=camera, width=size, height=size))
         for camera in env.dvlx_cameras

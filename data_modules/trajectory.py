@@ -742,6 +742,7 @@ class TrajectoryStream(ImageTextStream):
             name = image_names[camera]
             try:
                 image = Image.open(io.BytesIO(sample[name]))
+                image.load()
                 image = resize_image(image, spec.image_size)
             except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
                 raise _Skip("corrupt_image", f"{name}: {type(error).__name__}: {error}") from None

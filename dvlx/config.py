@@ -196,6 +196,20 @@ class ObjectiveConfig:
 
 
 @dataclass
+class GenerationEvalConfig:
+    """Generation on held-out image-text data after every validation run (VL stages)."""
+
+    enabled: bool = False
+    num_samples: int = 64
+    """Validation records answered each time (the first ones of `data.val`)."""
+    num_logged: int = 4
+    """Samples written to TensorBoard (image, prompt, reference, generated answer)."""
+    steps: int = 4
+    max_new_tokens: int = 8
+    alg: str = "maskgit_plus"
+
+
+@dataclass
 class StageConfig:
     name: str = "vl_pretrain"
     trainable: list[str] | None = None
@@ -204,6 +218,7 @@ class StageConfig:
     vision_from_block: int = 0
     """With `vision` trainable: vision blocks before this index stay frozen (the paper unfreezes from 16)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
     val_sample_batches: int = 2
     """VLA: validation batches on which actions are also sampled (`val/l1_sampled`)."""
     val_t: float = 1.0

@@ -413,6 +413,16 @@ def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
         throughput_monitor(),
         ExportOnTrainEnd(run_dir / "export", tokenizer, image_processor, to_yaml(cfg)),
     ]
+    gen = cfg.stage.generation
+    if gen.enabled and cfg.data.kind == "image_text":
+        from callbacks.generation_samples import GenerationMonitor
+        from dvlx.eval.vl import GenerationSettings
+
+        val = cfg.data.val or str(Path(cfg.data.synthetic_dir) / "val")
+        settings = GenerationSettings(steps=gen.steps, max_new_tokens=gen.max_new_tokens, alg=gen.alg,
+                                      template=cfg.data.template, batch_size=cfg.data.batch_size)
+        callbacks.append(GenerationMonitor(val, tokenizer, image_processor, settings, gen.num_samples,
+                                           gen.num_logged))
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=t.max_steps,

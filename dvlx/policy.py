@@ -149,8 +149,11 @@ class Policy:
     def predict_batch(self, observations: Sequence[Mapping], steps: int | None = None) -> np.ndarray:
         """Action chunks [B, H, A] in robot units."""
         batch = self.make_batch(observations)
-        normalised = self.objective.sample(self.backbone, batch, steps=steps)  # [B, H, A]
-        actions = self.spec.action_normalizer.unnormalize(normalised.float().cpu().numpy())
+        normalised = self.objective.sample(self.backbone, batch, steps=steps).float().cpu().numpy()  # [B, H, A]
+        if self.spec.action_normalizer.mode != "mean_std":
+            # Bounded modes trained on targets in [-1, 1]; a continuous head may overshoot them.
+            normalised = np.clip(normalised, -1.0, 1.0)
+        actions = self.spec.action_normalizer.unnormalize(normalised)
         return np.asarray(actions, dtype=np.float32)
 
     def predict(self, observation: Mapping, steps: int | None = None) -> np.ndarray:

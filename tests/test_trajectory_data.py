@@ -477,7 +477,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer, processor):
         elif step == 1:
             files["proprio.npy"] = encode_npy(np.array([np.inf, 0.0], np.float32))
         elif step == 2:
-            files["wrist.png"] = b"not a png"
+            files["wrist.png"] = files["wrist.png"][:60]  # a cut PNG: the header parses, the pixels do not
         elif step == 3:
             del files["actions.npy"]
         elif step == 4:

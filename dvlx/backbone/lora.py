@@ -28,18 +28,20 @@ def lora_target_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
 
 
 def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targets: Sequence[str],
-               trainable_token_ids: Sequence[int] | None = None) -> list[str]:
-    """Freezes `model`, injects LoRA adapters (and, with `trainable_token_ids`, trainable deltas for those rows of
-    `model.embed_tokens` and `lm_head`). Returns the adapted module names."""
+               output_token_ids: Sequence[int] | None = None, input_token_ids: Sequence[int] | None = None
+               ) -> list[str]:
+    """Freezes `model` and injects LoRA adapters, plus trainable deltas for the `lm_head` rows of
+    `output_token_ids` and the `embed_tokens` rows of `input_token_ids`. Returns the adapted module names."""
     from peft import LoraConfig, inject_adapter_in_model
 
     names = lora_target_names(model, targets)
-    tokens = None
-    if trainable_token_ids:
-        ids = sorted(int(i) for i in trainable_token_ids)
-        tokens = {"embed_tokens": ids, "lm_head": ids}
+    tokens = {}
+    if output_token_ids:
+        tokens["lm_head"] = sorted(int(i) for i in output_token_ids)
+    if input_token_ids:
+        tokens["embed_tokens"] = sorted(int(i) for i in input_token_ids)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                        trainable_token_indices=tokens)
+                        trainable_token_indices=tokens or None)
     model.requires_grad_(False)
     inject_adapter_in_model(config, model)
     return names

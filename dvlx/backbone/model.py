@@ -180,7 +180,9 @@ class DreamVL(nn.Module):
         The parameters are replaced, so resize before building an optimiser.
         """
         if isinstance(new_vocab_size, bool) or not isinstance(new_vocab_size, int):
-            raise ValueError(f"resize_token_embeddings: new_vocab_size must be an int, got {new_vocab_size!r}")
+            raise ValueError(
+                f"resize_token_embeddings: new_vocab_size must be an int, got {new_vocab_size!r}"
+            )
         special = {name: getattr(self.config, name) for name in SPECIAL_TOKEN_FIELDS}
         outside = {name: value for name, value in special.items() if value >= new_vocab_size}
         if new_vocab_size < 1 or outside:

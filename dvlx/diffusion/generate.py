@@ -99,7 +99,7 @@ def allowed_tokens(restrict_to: Tensor, vocab_size: int, device: torch.device) -
             )
         allowed = restrict_to.to(device)
     else:
-        ids = restrict_to.reshape(-1).long()
+        ids = restrict_to.reshape(-1).long()  # [n_ids]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
             raise ValueError(
                 f"generate: restrict_to ids must be in [0, {vocab_size}), got {ids.tolist()[:10]}"
@@ -114,7 +114,7 @@ def allowed_tokens(restrict_to: Tensor, vocab_size: int, device: torch.device) -
 def _stop_ids(eos_token_id: int | Sequence[int] | Tensor | None, device: torch.device) -> Tensor | None:
     if eos_token_id is None:
         return None
-    ids = torch.as_tensor(eos_token_id, dtype=torch.long, device=device).reshape(-1)
+    ids = torch.as_tensor(eos_token_id, dtype=torch.long, device=device).reshape(-1)  # [n_ids]
     if ids.numel() == 0:
         raise ValueError("generate: eos_token_id must name at least one id")
     return ids
@@ -127,6 +127,12 @@ def _finished(canvas: Tensor, mask_token_id: int, stop_ids: Tensor) -> Tensor:
     first_stop = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1), length)
     before = torch.arange(length, device=canvas.device)[None, :] < first_stop[:, None]
     return ~((canvas == mask_token_id) & before).any(dim=1)
+
+
+def _logits(model, hidden: Tensor, slots: Tensor, allowed: Tensor | None) -> Tensor:
+    """Logits [M, V] of the hidden states [B, N, D] at the Bool[B, N] `slots` (row-major), restricted."""
+    logits = model.lm_head(hidden[slots])
+    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
 
 @torch.no_grad()
@@ -230,30 +236,28 @@ def generate(
                 cache.crop(-(max_new_tokens + 1))
             hidden = out.last_hidden_state[:, prompt_length - 1 : total - 1]  # [B, N, D]
         # Position j - 1 predicts slot j: hidden[:, j] is the state that predicts canvas slot j.
-        logits = model.lm_head(hidden[masked])  # [M, V], M = masked slots of all rows, row-major
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-
         if alg == "origin":
             if schedule == "original":
                 reveal = origin_positions(masked, reveal_fraction(step, steps, eps), generator)
             else:
                 counts = reveal_counts(masked.sum(dim=1), step, steps, schedule, eps)
                 reveal = random_positions(masked, counts, generator)
-            chosen = reveal[masked]  # [M]: which of the masked slots are revealed now
-            probs = torch.softmax(filter_logits(logits[chosen], temperature, top_p, top_k), dim=-1)
+            probs = torch.softmax(
+                filter_logits(_logits(model, hidden, reveal, allowed), temperature, top_p, top_k), dim=-1
+            )
             tokens, _ = draw_tokens(probs, temperature, generator)
             canvas[reveal] = tokens
         else:
-            probs = torch.softmax(filter_logits(logits, temperature, top_p, top_k), dim=-1)
+            probs = torch.softmax(
+                filter_logits(_logits(model, hidden, masked, allowed), temperature, top_p, top_k), dim=-1
+            )
             tokens, chosen_probs = draw_tokens(probs, temperature, generator)
             scores = torch.zeros(masked.shape, dtype=probs.dtype, device=device)
             scores = scores.masked_scatter(masked, confidence(probs, chosen_probs, alg))
             counts = reveal_counts(masked.sum(dim=1), step, steps, schedule, eps)
             reveal = select_positions(scores, masked, counts, alg_temp, generator)
-            proposal = torch.zeros(masked.shape, dtype=torch.long, device=device).masked_scatter(
-                masked, tokens
-            )
+            proposal = torch.zeros(masked.shape, dtype=torch.long, device=device)
+            proposal = proposal.masked_scatter(masked, tokens)
             canvas[reveal] = proposal[reveal]
         embeds[:, prompt_length:][reveal] = model.model.embed_tokens(canvas[reveal]).to(embeds.dtype)
 

@@ -130,6 +130,10 @@ def request_prompt(
         if layout == "official":
             # The reference chat template: image tokens, then the text, no separator.
             text = IMAGE_PLACEHOLDER * len(counts) + text
+        else:
+            # generation_prompt puts "<image>\n" per image in front; a newline left by a removed
+            # placeholder would double it.
+            text = text.lstrip()
     return generation_prompt(tokenizer, text, template, counts), pixel_values, image_grid_thw
 
 

@@ -18,7 +18,6 @@ their first slot. Without it every token is decoded by a full forward (same resu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dvlx.objectives.base import ObjectiveOutput, register
@@ -37,14 +36,9 @@ class AutoregressiveObjective(TokenObjective):
         ids = batch["input_ids"].scatter(1, positions, self.action_ids[target])
         embeds = self.embed_inputs(backbone, batch, ids)
         hidden = self.run_backbone(backbone, batch, embeds).last_hidden_state
-        logits = self.action_logits(backbone, self.gather_shifted(hidden, positions)).float()  # [B, H*A, n]
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")  # [B*H*A]
-        total = (ce * valid.flatten()).sum()
-        count = valid.sum()
-        if self.cfg.supervise_suffix:
-            suffix_total, suffix_count = self.suffix_loss(backbone, hidden, batch)
-            total, count = total + suffix_total, count + suffix_count
-        loss = total / count.clamp(min=1)
+        states = self.gather_shifted(hidden, positions)  # [B, H*A, D]
+        logits = self.action_logits(backbone, states).float()  # [B, H*A, bins]
+        loss = self.token_loss(backbone, batch, hidden, logits, target, valid)
         return ObjectiveOutput(loss, self.token_metrics(logits, target, valid, batch["actions"]))
 
     @torch.no_grad()
@@ -58,7 +52,8 @@ class AutoregressiveObjective(TokenObjective):
         cached = bool(self.cfg.use_cache)
         cache = None
         if cached:
-            out = self.run_backbone(backbone, batch, embeds[:, :start], columns=slice(0, start), use_cache=True)
+            prompt = slice(0, start)
+            out = self.run_backbone(backbone, batch, embeds[:, prompt], columns=prompt, use_cache=True)
             state, cache = out.last_hidden_state[:, -1], out.past_key_values  # state [B, D] predicts `start`
         index = torch.full_like(positions, -1)  # token index k per slot
         rows = torch.arange(slots.shape[0], device=slots.device)

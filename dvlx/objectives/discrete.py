@@ -30,20 +30,26 @@ from dvlx.processing.templates import IGNORE_INDEX
 class TokenObjective(ActionObjective):
     """Shared by the objectives over action tokens (`discrete`, `discrete_diffusion`, `ar`); not registered.
 
-    Holds the `ActionTokenizer`, the ids of the action tokens (`action_ids`, Long[n], index k = column of every
-    restricted logit tensor) and the mask id, all read from the tokenizer.
+    Holds the `ActionTokenizer` (`action_tokens`), the ids of the action tokens (`action_ids`, Long[bins];
+    index k is the column of every restricted logit tensor) and the mask id, all read from the tokenizer.
     """
+
+    uses_action_tokens = True
+    """The tokenizer needs `<|action_k|>` (`ActionTokenizer.ensure_tokens`) before the backbone is built."""
+    feeds_action_tokens = True
+    """Action tokens are inputs (so their embedding rows train), not only outputs."""
 
     def __init__(self, spec: ActionSpec, hidden_size: int, cfg: ObjectiveConfig, tokenizer=None) -> None:
         super().__init__(spec, hidden_size, cfg, tokenizer)
         where = f"dvlx/objectives/{self.name or type(self).__name__}.py"
         if tokenizer is None:
             raise ValueError(
-                f"{where}: objective '{self.name}' needs the tokenizer (its action tokens <|action_k|>), got None"
+                f"{where}: objective '{self.name}' needs the tokenizer (for its action tokens <|action_k|>), "
+                "got None"
             )
-        self.action_tokenizer = ActionTokenizer(tokenizer, cfg.num_bins)
+        self.action_tokens = ActionTokenizer(tokenizer, cfg.num_bins)
         try:
-            action_ids = self.action_tokenizer.token_ids
+            action_ids = self.action_tokens.token_ids
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
         # Not persistent: ids belong to the tokenizer saved with the checkpoint, not to the weights.
@@ -82,7 +88,7 @@ class TokenObjective(ActionObjective):
         return head(states)[..., ids]
 
     def action_logits(self, backbone, states: Tensor) -> Tensor:
-        """Logits [..., n] over the action tokens; column k is `<|action_k|>`."""
+        """Logits [..., bins] over the action tokens; column k is `<|action_k|>`."""
         return self.restricted_logits(backbone, states, self.action_ids)
 
     # -------------------------------------------------------------------------------------- batch
@@ -100,7 +106,7 @@ class TokenObjective(ActionObjective):
                 f"got {list(actions.shape)}"
             )
         batch_size = actions.shape[0]
-        target = self.action_tokenizer.index_of(actions).reshape(batch_size, horizon * dim)  # [B, H*A]
+        target = self.action_tokens.index_of(actions).reshape(batch_size, horizon * dim)  # [B, H*A]
         valid = batch.get("action_valid")
         if valid is None:
             valid = torch.ones(batch_size, horizon, dtype=torch.bool, device=actions.device)
@@ -118,27 +124,42 @@ class TokenObjective(ActionObjective):
     def suffix_loss(self, backbone, hidden: Tensor, batch: dict) -> tuple[Tensor, Tensor]:
         """(summed full-vocabulary CE, count) of the suffix labels, each read at p - 1."""
         reads = self.suffix_positions(batch)[:, 1:]  # [B, L - 1]: state at p - 1 predicts token p
-        rows = hidden[:, :-1][reads]  # [M, D]
-        logits = backbone.lm_head(rows).float()  # [M, V]
+        rows = hidden[:, :-1][reads]  # [rows, D]
+        logits = backbone.lm_head(rows).float()  # [rows, V]
         targets = batch["labels"][:, 1:][reads]
         return F.cross_entropy(logits, targets, reduction="sum"), reads.sum()
 
+    def token_loss(
+        self, backbone, batch: dict, hidden: Tensor, logits: Tensor, target: Tensor, valid: Tensor
+    ) -> Tensor:
+        """Cross-entropy of the restricted slot logits [B, H*A, bins] at the valid slots, plus the suffix
+        labels when `supervise_suffix`, divided by the number of supervised tokens."""
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")  # [B*H*A]
+        total = (ce * valid.flatten()).sum()  # valid.flatten(): [B*H*A]
+        count = valid.sum()
+        if self.cfg.supervise_suffix:
+            suffix_total, suffix_count = self.suffix_loss(backbone, hidden, batch)
+            total, count = total + suffix_total, count + suffix_count
+        return total / count.clamp(min=1)
+
     def values(self, index: Tensor) -> Tensor:
         """Normalised actions [B, H, A] from token indices k [B, H*A]."""
-        return self.action_tokenizer.values_of(index).view(-1, self.spec.horizon, self.spec.action_dim)
+        values = self.action_tokens.values_of(index)  # [B, H*A]
+        return values.view(-1, self.spec.horizon, self.spec.action_dim)  # [B, H, A]
 
     @torch.no_grad()
-    def token_metrics(self, logits: Tensor, target: Tensor, counted: Tensor, actions: Tensor) -> dict[str, Tensor]:
+    def token_metrics(
+        self, logits: Tensor, target: Tensor, counted: Tensor, actions: Tensor
+    ) -> dict[str, Tensor]:
         """accuracy (argmax == target), l1_current (step 0) and l1_future (steps 1..H-1, when H > 1) of the
         decoded argmax against the true normalised actions, over the `counted` slots Bool[B, H*A]."""
         predicted = logits.argmax(dim=-1)  # [B, H*A]
-        weight = counted.float()
-        metrics = {"accuracy": ((predicted == target).float() * weight).sum() / weight.sum().clamp(min=1)}
-        horizon, dim = self.spec.horizon, self.spec.action_dim
-        error = (self.values(predicted) - actions.float()).abs() * weight.view(-1, horizon, dim)  # [B, H, A]
-        weight = weight.view(-1, horizon, dim)  # [B, H, A]
+        counted = counted.float()
+        metrics = {"accuracy": ((predicted == target).float() * counted).sum() / counted.sum().clamp(min=1)}
+        weight = counted.view(-1, self.spec.horizon, self.spec.action_dim)  # [B, H, A]
+        error = (self.values(predicted) - actions.float()).abs() * weight  # [B, H, A]
         metrics["l1_current"] = error[:, 0].sum() / weight[:, 0].sum().clamp(min=1)
-        if horizon > 1:
+        if self.spec.horizon > 1:
             metrics["l1_future"] = error[:, 1:].sum() / weight[:, 1:].sum().clamp(min=1)
         return metrics
 
@@ -147,8 +168,10 @@ class TokenObjective(ActionObjective):
 class DiscreteObjective(TokenObjective):
     """Action tokens in one parallel pass from `<|mask|>` slots (see the module docstring)."""
 
+    feeds_action_tokens = False
+
     def slot_logits(self, backbone, batch: dict) -> tuple[Tensor, Tensor]:
-        """(restricted logits [B, H*A, n] of the action slots, last hidden states [B, L, D])."""
+        """(restricted logits [B, H*A, bins] of the action slots, last hidden states [B, L, D])."""
         embeds = self.embed_inputs(backbone, batch, self.placeholder_ids(batch))
         hidden = self.run_backbone(backbone, batch, embeds).last_hidden_state
         states = self.gather_shifted(hidden, self.slot_positions(batch))  # [B, H*A, D]
@@ -157,13 +180,7 @@ class DiscreteObjective(TokenObjective):
     def loss(self, backbone, batch: dict) -> ObjectiveOutput:
         logits, hidden = self.slot_logits(backbone, batch)
         target, valid = self.slot_targets(batch)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")  # [B*H*A]
-        total = (ce * valid.flatten()).sum()
-        count = valid.sum()
-        if self.cfg.supervise_suffix:
-            suffix_total, suffix_count = self.suffix_loss(backbone, hidden, batch)
-            total, count = total + suffix_total, count + suffix_count
-        loss = total / count.clamp(min=1)
+        loss = self.token_loss(backbone, batch, hidden, logits, target, valid)
         return ObjectiveOutput(loss, self.token_metrics(logits, target, valid, batch["actions"]))
 
     @torch.no_grad()

@@ -52,14 +52,14 @@ class DiscreteDiffusionObjective(TokenObjective):
         self.register_buffer("response_ids", response, persistent=False)
 
     def response_index(self, labels: Tensor) -> Tensor:
-        """Index of suffix label ids in the response vocabulary (after the n action tokens)."""
+        """Index of suffix label ids in the response vocabulary (after the `bins` action tokens)."""
         suffix_ids = self.response_ids[self.num_bins :]
-        hits = labels[:, None] == suffix_ids[None, :]  # [M, 2]
+        hits = labels[:, None] == suffix_ids[None, :]  # [rows, 2]
         if not bool(hits.any(dim=1).all()):
             bad = labels[~hits.any(dim=1)].unique().tolist()
             raise ValueError(
-                f"dvlx/objectives/discrete_diffusion.py: suffix labels {bad} are not <|im_end|> or the newline "
-                f"{suffix_ids.tolist()}"
+                f"dvlx/objectives/discrete_diffusion.py: suffix labels {bad} are not <|im_end|> or the "
+                f"newline {suffix_ids.tolist()}"
             )
         return self.num_bins + hits.long().argmax(dim=1)
 
@@ -68,7 +68,8 @@ class DiscreteDiffusionObjective(TokenObjective):
         positions = self.slot_positions(batch)  # [B, H*A]
         target, valid = self.slot_targets(batch)
         mask = torch.full_like(target, self.mask_token_id)
-        clean = self.placeholder_ids(batch).scatter(1, positions, torch.where(valid, self.action_ids[target], mask))
+        slot_ids = torch.where(valid, self.action_ids[target], mask)  # [B, H*A]
+        clean = self.placeholder_ids(batch).scatter(1, positions, slot_ids)
         maskable = torch.zeros_like(slots).scatter(1, positions, valid)
         # Targets in the response vocabulary; positions that are never masked are never read.
         targets = torch.zeros_like(clean).scatter(1, positions, target)
@@ -87,7 +88,8 @@ class DiscreteDiffusionObjective(TokenObjective):
             batch["attention_mask"],
         )
         with torch.no_grad():
-            logits = self.action_logits(backbone, self.gather_shifted(hidden, positions)).float()  # [B, H*A, n]
+            states = self.gather_shifted(hidden, positions)  # [B, H*A, D]
+            logits = self.action_logits(backbone, states).float()  # [B, H*A, bins]
             masked_slots = corruption.masked.gather(1, positions)  # [B, H*A]
             metrics = self.token_metrics(logits, target, masked_slots, batch["actions"])
         metrics["masked_tokens"] = result.n_supervised.float()
@@ -119,8 +121,9 @@ class DiscreteDiffusionObjective(TokenObjective):
                 window = slice(keep, None)
                 out = self.run_backbone(backbone, batch, embeds[:, window], past_key_values=cache)
                 hidden, offset = out.last_hidden_state, keep
-            logits = self.action_logits(backbone, self.gather_shifted(hidden, positions - offset))  # [B, H*A, n]
-            probs = torch.softmax(filter_logits(logits[masked].float(), self.temperature), dim=-1)  # [M, n]
+            states = self.gather_shifted(hidden, positions - offset)  # [B, H*A, D]
+            logits = self.action_logits(backbone, states)[masked].float()  # [rows, bins]
+            probs = torch.softmax(filter_logits(logits, self.temperature), dim=-1)  # [rows, bins]
             tokens, chosen = draw_tokens(probs, self.temperature)
             scores = torch.zeros(masked.shape, dtype=probs.dtype, device=probs.device)
             scores = scores.masked_scatter(masked, confidence(probs, chosen, self.alg))
@@ -129,9 +132,11 @@ class DiscreteDiffusionObjective(TokenObjective):
             proposal = torch.zeros_like(canvas).masked_scatter(masked, tokens)
             canvas = torch.where(reveal, proposal, canvas)
             # Revealed slots enter the next step as their action tokens.
-            current = embeds.gather(1, positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))  # [B, H*A, D]
+            index = positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])  # [B, H*A, D]
+            current = embeds.gather(1, index)  # [B, H*A, D]
             revealed = backbone.embed(self.action_ids[proposal]).to(embeds.dtype)  # [B, H*A, D]
-            embeds = scatter_rows(embeds, positions, torch.where(reveal.unsqueeze(-1), revealed, current))
+            keep_new = reveal.unsqueeze(-1)  # [B, H*A, 1]
+            embeds = scatter_rows(embeds, positions, torch.where(keep_new, revealed, current))
         return self.values(canvas)
 
 

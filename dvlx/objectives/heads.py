@@ -254,8 +254,8 @@ class SlotForward:
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, L, D] at index [B, N] -> [B, N, D]."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # [B, N, D]
+    """x [B, L, D] at index [B, rows] -> [B, rows, D]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # [B, rows, D]
 
 
 __all__ = [

@@ -40,6 +40,15 @@ class L1Regression(ActionObjective):
         return ObjectiveOutput(loss=masked_mean(error, valid), metrics=metrics)
 
     @torch.no_grad()
-    def sample(self, backbone, batch: dict, steps: int | None = None, **_: object) -> Tensor:
-        """One forward pass; `steps` and sampler keywords (generator, noise) are accepted and ignored."""
+    def sample(
+        self,
+        backbone,
+        batch: dict,
+        steps: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """One forward pass. `steps`, `generator` and `noise` exist for the common sampler signature and are
+        ignored: the prediction is deterministic."""
         return self.predict(backbone, batch)

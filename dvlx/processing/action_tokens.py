@@ -76,7 +76,7 @@ class ActionTokenizer:
 
     @property
     def token_ids(self) -> Tensor:
-        """Long[n]: the id of `<|action_k|>` for k = 0..n-1 (CPU)."""
+        """Long[bins]: the id of `<|action_k|>` for k = 0..n-1 (CPU)."""
         if self._token_ids is None:
             backend = self.tokenizer.hf.backend_tokenizer
             ids = [backend.token_to_id(token) for token in self.tokens]
@@ -119,7 +119,8 @@ class ActionTokenizer:
     def values_of(self, index: Tensor) -> Tensor:
         """Float32 bin centres of token indices k (the inverse of `index_of` up to half a bin width)."""
         if bool(((index < 0) | (index >= self.num_bins)).any()):
-            raise ValueError(f"{_FILE}: token indices must be in [0, {self.num_bins}), got {index.unique()[:8]}")
+            bad = index[(index < 0) | (index >= self.num_bins)].unique()[:8].tolist()
+            raise ValueError(f"{_FILE}: token indices must be in [0, {self.num_bins}), got {bad}")
         b = (self.num_bins - 1 - index).clamp(max=self.num_bins - 2)
         return self.centres.to(index.device)[b].float()
 

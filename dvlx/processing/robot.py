@@ -358,7 +358,7 @@ def _uniform(rng: Rng, low: float, high: float) -> float:
 
 def resize_image(img: Image.Image, size: int) -> Image.Image:
     """RGB image resized to size x size with PIL's Lanczos filter (the reference resizes with lanczos3)."""
-    img = img.convert("RGB")
+    img = _rgb(img)
     if img.size == (size, size):
         return img
     return img.resize((size, size), resample=Image.Resampling.LANCZOS)
@@ -378,13 +378,19 @@ def _crop_resize(img: Image.Image, area: float, fx: float, fy: float) -> Image.I
 
 def center_crop(img: Image.Image, area: float = CROP_AREA) -> Image.Image:
     """Centre crop of `area` (sqrt(area) of each side) resized back: the inference twin of the random crop."""
-    return _crop_resize(img.convert("RGB"), area, 0.5, 0.5)
+    return _crop_resize(_rgb(img), area, 0.5, 0.5)
 
 
 def _shift_hue(img: Image.Image, turns: float) -> Image.Image:
-    hsv = np.array(img.convert("HSV"))  # (height, width, 3) uint8, hue in 256 steps per turn
-    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(turns * 256)) % 256
-    return Image.fromarray(hsv, mode="HSV").convert("RGB")
+    # PIL's HSV has 256 hue steps per turn; the shift is a lookup table on the hue band.
+    hue, saturation, value = img.convert("HSV").split()
+    shift = round(turns * 256)
+    hue = hue.point([(level + shift) % 256 for level in range(256)])
+    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def augment_image(img: Image.Image, rng: Rng, area: float = CROP_AREA) -> Image.Image:
@@ -394,8 +400,7 @@ def augment_image(img: Image.Image, rng: Rng, area: float = CROP_AREA) -> Image.
 
     Deterministic given the generator's state; six draws per image.
     """
-    img = img.convert("RGB")
-    img = _crop_resize(img, area, _uniform(rng, 0, 1), _uniform(rng, 0, 1))
+    img = _crop_resize(_rgb(img), area, _uniform(rng, 0, 1), _uniform(rng, 0, 1))
     for enhancer, name in (
         (ImageEnhance.Brightness, "brightness"),
         (ImageEnhance.Contrast, "contrast"),

@@ -40,11 +40,12 @@ class VLA(LightningModule):
     def configure_trainable(self, tokenizer) -> None:
         lora = self.cfg.lora
         if lora.rank > 0:
-            token_ids = None
+            outputs = inputs = None
             if lora.train_action_rows and getattr(self.objective, "uses_action_tokens", False):
-                token_ids = self.objective.action_tokens.token_ids.tolist()
+                outputs = self.objective.action_tokens.token_ids.tolist()
+                inputs = outputs if self.objective.feeds_action_tokens else None
             apply_lora(self.backbone, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                       targets=lora.targets, trainable_token_ids=token_ids)
+                       targets=lora.targets, output_token_ids=outputs, input_token_ids=inputs)
         else:
             parts = self.cfg.stage.trainable if self.cfg.stage.trainable is not None else TRAINABLE_PARTS_ALL
             unfreeze_parts(self.backbone, parts, self.cfg.stage.vision_from_block)
