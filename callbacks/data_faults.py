@@ -27,8 +27,14 @@ class DataFaultMonitor(Callback):
         if isinstance(batch, dict) and batch.get("faults"):
             self.train.add(batch.pop("faults"))
             for kind, count in self.train.as_dict().items():
-                pl_module.log(f"data/skipped_{kind}", float(count), on_step=True, on_epoch=False,
-                              reduce_fx="sum", sync_dist=False)
+                pl_module.log(
+                    f"data/skipped_{kind}",
+                    float(count),
+                    on_step=True,
+                    on_epoch=False,
+                    reduce_fx="sum",
+                    sync_dist=False,
+                )
         elif isinstance(batch, dict):
             batch.pop("faults", None)
 

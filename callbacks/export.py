@@ -25,7 +25,13 @@ class ExportOnTrainEnd(Callback):
             return
         merge_lora(pl_module.backbone)
         write_export(
-            self.folder, pl_module.backbone, self.tokenizer, self.image_processor,
-            stage=type(pl_module).__name__, step=trainer.global_step, config_yaml=self.config_yaml,
-            objective=getattr(pl_module, "objective", None), spec=getattr(pl_module, "spec", None),
+            self.folder,
+            pl_module.backbone,
+            self.tokenizer,
+            self.image_processor,
+            stage=type(pl_module).__name__,
+            step=trainer.global_step,
+            config_yaml=self.config_yaml,
+            objective=getattr(pl_module, "objective", None),
+            spec=getattr(pl_module, "spec", None),
         )

@@ -20,8 +20,15 @@ class GenerationMonitor(Callback):
     with diffusion generation, logs `val/gen_exact_match`, and writes `num_logged` samples to TensorBoard
     (image, prompt, reference and generated answer)."""
 
-    def __init__(self, val_spec: str, tokenizer, image_processor, settings: GenerationSettings,
-                 num_samples: int = 64, num_logged: int = 4) -> None:
+    def __init__(
+        self,
+        val_spec: str,
+        tokenizer,
+        image_processor,
+        settings: GenerationSettings,
+        num_samples: int = 64,
+        num_logged: int = 4,
+    ) -> None:
         self.val_spec = val_spec
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -51,14 +58,22 @@ class GenerationMonitor(Callback):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics({"val/gen_exact_match": accuracy}, step=step)
-        log.info("step %d: generation exact match %.3f on %d held-out questions (%d steps, %d tokens)",
-                 step, accuracy, len(report["samples"]), self.settings.steps, self.settings.max_new_tokens)
+        log.info(
+            "step %d: generation exact match %.3f on %d held-out questions (%d steps, %d tokens)",
+            step,
+            accuracy,
+            len(report["samples"]),
+            self.settings.steps,
+            self.settings.max_new_tokens,
+        )
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_text"):
             return
         for i, (record, sample) in enumerate(zip(self.records(), report["samples"][: self.num_logged])):
-            text = (f"**prompt:** {record.question}  \n**reference:** {sample['answer']}  \n"
-                    f"**generated:** {sample['prediction']}")
+            text = (
+                f"**prompt:** {record.question}  \n**reference:** {sample['answer']}  \n"
+                f"**generated:** {sample['prediction']}"
+            )
             experiment.add_text(f"generation/sample_{i}", text, global_step=step)
             if record.images:
                 image = np.asarray(record.images[0].convert("RGB"))

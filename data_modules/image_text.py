@@ -183,7 +183,9 @@ class ImageTextStream(IterableDataset):
         if quota == 0:
             return
         batches = _group_by_length(
-            self._encoded(slot, slots, counter), self.batch_size, self.length_grouping,
+            self._encoded(slot, slots, counter),
+            self.batch_size,
+            self.length_grouping,
             np.random.default_rng([self.seed, self.epoch, _GROUPING_TAG, slot, slots]),
         )
         for batch in batches:
@@ -265,8 +267,11 @@ class ImageTextStream(IterableDataset):
         if not isinstance(record, dict):
             raise _Skip("bad_record", f"json must be an object, got {type(record).__name__}")
         conversations = record.get("conversations")
-        if not isinstance(conversations, list) or not conversations or not all(
-                isinstance(t, dict) for t in conversations):
+        if (
+            not isinstance(conversations, list)
+            or not conversations
+            or not all(isinstance(t, dict) for t in conversations)
+        ):
             raise _Skip("bad_record", "'conversations' must be a non-empty list of turn objects")
         image_keys = {k.split(".", 1)[0]: k for k in sample if k.startswith("img")}
         num_images = record.get("num_images", len(image_keys))
@@ -310,8 +315,8 @@ def _group_by_length(
 ) -> Iterator[list[dict[str, Any]]]:
     """Batches of `batch_size` samples; the last one may be partial.
 
-    With `grouping` > 1, `grouping` batches' worth of samples are gathered, sorted by token count (image tokens
-    included, since they are expanded in `input_ids`), cut into batches of neighbours, and yielded in a
+    With `grouping` > 1, `grouping` batches' worth of samples are gathered, sorted by token count (image
+    tokens included, since they are expanded in `input_ids`), cut into batches of neighbours, and yielded in a
     seeded random order, so padding shrinks while batch lengths stay mixed over time.
     """
     group = batch_size * max(1, grouping)
@@ -320,7 +325,7 @@ def _group_by_length(
     def flush(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         if grouping > 1:
             items = sorted(items, key=lambda s: len(s["input_ids"]))
-        chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         if grouping > 1:
             full = [c for c in chunks if len(c) == batch_size]
             partial = [c for c in chunks if len(c) < batch_size]
@@ -501,8 +506,9 @@ class ImageTextDataModule(LightningDataModule):
     def train_dataloader(self) -> EpochDataLoader:
         if not self.train_shards:
             self.setup("fit")
-        return EpochDataLoader(self._stream(self.train_shards, True), self.current_epoch,
-                               num_workers=self.num_workers)
+        return EpochDataLoader(
+            self._stream(self.train_shards, True), self.current_epoch, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_spec is None:

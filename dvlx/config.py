@@ -269,8 +269,9 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"key '{key}': '{value}' is not one of {list(choices)}{hint}")
 
 
-def validate(cfg: ExperimentConfig, stage_names: tuple[str, ...] = (),
-             objective_names: tuple[str, ...] = ()) -> None:
+def validate(
+    cfg: ExperimentConfig, stage_names: tuple[str, ...] = (), objective_names: tuple[str, ...] = ()
+) -> None:
     """Checks that need more than one key or a closed set of choices; raises ConfigError naming the key."""
     _check_choice("backbone.attention", cfg.backbone.attention, ATTENTION_CHOICES)
     if cfg.backbone.pretrained is None:
@@ -380,8 +381,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                stage_names: tuple[str, ...] = (), objective_names: tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    stage_names: tuple[str, ...] = (),
+    objective_names: tuple[str, ...] = (),
+) -> ExperimentConfig:
     """Reads an experiment YAML (with its `extends` chain), applies `key=value` overrides, validates."""
     path = Path(path)
     merged = OmegaConf.structured(ExperimentConfig)

@@ -25,8 +25,18 @@ ACTION_SPEC_FILE = "action_spec.json"
 OBJECTIVE_FILE = "objective.safetensors"
 
 
-def write_export(folder: str | Path, backbone, tokenizer, image_processor, *, stage: str, step: int,
-                 config_yaml: str = "", objective=None, spec=None) -> Path:
+def write_export(
+    folder: str | Path,
+    backbone,
+    tokenizer,
+    image_processor,
+    *,
+    stage: str,
+    step: int,
+    config_yaml: str = "",
+    objective=None,
+    spec=None,
+) -> Path:
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -35,8 +45,12 @@ def write_export(folder: str | Path, backbone, tokenizer, image_processor, *, st
     image_processor.save_pretrained(tmp)
     if config_yaml:
         (tmp / "experiment.yaml").write_text(config_yaml)
-    meta = {"dvlx_version": dvlx.__version__, "stage": stage, "step": step,
-            "attention": backbone.config.attention}
+    meta = {
+        "dvlx_version": dvlx.__version__,
+        "stage": stage,
+        "step": step,
+        "attention": backbone.config.attention,
+    }
     if spec is not None:
         spec.save(tmp / ACTION_SPEC_FILE)
         meta["action_spec_fingerprint"] = spec.fingerprint()

@@ -26,15 +26,22 @@ log = logging.getLogger("dvlx.fit")
 FINAL_METRICS = "final_metrics.json"
 
 
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dvlx.fit", description=__doc__.split("\n\n")[1])
     parser.add_argument("experiment", help="experiment YAML file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the latest checkpoint of this run (sweeps: skip finished variants)")
-    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=A,B,C",
-                        help="one run per value, each in its own variant folder (repeat for a grid)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest checkpoint of this run (sweeps: skip finished variants)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=A,B,C",
+        help="one run per value, each in its own variant folder (repeat for a grid)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
 
@@ -179,17 +186,24 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> int:
     log.info(
         "run %s: %s, %d trainable of %d parameters, global batch %d (%d per device x %d devices x %d "
         "accumulation)",
-        run_dir, type(stage).__name__, sum(p.numel() for p in stage.parameters() if p.requires_grad),
+        run_dir,
+        type(stage).__name__,
+        sum(p.numel() for p in stage.parameters() if p.requires_grad),
         sum(p.numel() for p in stage.parameters()),
         trainer.world_size * trainer.accumulate_grad_batches * cfg.data.batch_size,
-        cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
+        cfg.data.batch_size,
+        trainer.world_size,
+        trainer.accumulate_grad_batches,
     )
     trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     final = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
     if trainer.is_global_zero:
         write_atomic(run_dir / FINAL_METRICS, json.dumps({"step": trainer.global_step, **final}, indent=2))
         if final:
-            print(f"{run_dir} step {trainer.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            print(
+                f"{run_dir} step {trainer.global_step}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+            )
     return 0
 
 
@@ -200,8 +214,12 @@ def write_sweep_table(configs: list[ExperimentConfig], sweeps: list[str]) -> Pat
         path = cfg.run_dir / FINAL_METRICS
         rows.append((cfg.variant, json.loads(path.read_text()) if path.is_file() else {}))
     keys = sorted({k for _, metrics in rows for k in metrics if k != "step"})
-    lines = [f"# Sweep of {configs[0].name}: {' '.join('--sweep ' + s for s in sweeps)}", "",
-             "| variant | step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    lines = [
+        f"# Sweep of {configs[0].name}: {' '.join('--sweep ' + s for s in sweeps)}",
+        "",
+        "| variant | step | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
     for variant, metrics in rows:
         cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys]
         lines.append(f"| {variant} | {metrics.get('step', '-')} | " + " | ".join(cells) + " |")
@@ -250,7 +268,7 @@ def add_action_tokens(cfg: ExperimentConfig, tokenizer) -> None:
 
 
 def action_spec(cfg: ExperimentConfig, datamodule):
-    """The VLA stage's action spec, read from the data (H from config; A, S, cameras, statistics from meta)."""
+    """The VLA stage's action spec from the data (H from config; A, S, cameras, statistics from meta.json)."""
     if cfg.stage.name != "vla":
         return None
     datamodule.prepare_data()
@@ -278,8 +296,9 @@ def build_backbone(cfg: ExperimentConfig, tokenizer):
         except CheckpointError as err:
             raise ConfigError(f"key 'backbone.pretrained': {err}") from None
         ids = tokenizer.special_ids()
-        wrong = {k: (v, getattr(backbone.config, k)) for k, v in ids.items()
-                 if getattr(backbone.config, k) != v}
+        wrong = {
+            k: (v, getattr(backbone.config, k)) for k, v in ids.items() if getattr(backbone.config, k) != v
+        }
         if wrong:
             raise ConfigError(
                 "key 'backbone.tokenizer': tokenizer and checkpoint disagree on special ids "
@@ -307,9 +326,13 @@ def load_backbone_checkpoint(backbone, path: str) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files raise many types
-        raise ConfigError(f"key 'backbone.init_checkpoint': {path} is not a readable checkpoint ({err})") from None
+        raise ConfigError(
+            f"key 'backbone.init_checkpoint': {path} is not a readable checkpoint ({err})"
+        ) from None
     prefix = "backbone."
-    tensors = {k[len(prefix):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
+    tensors = {
+        k[len(prefix) :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)
+    }
     if not tensors:
         raise ConfigError(f"key 'backbone.init_checkpoint': {path} holds no backbone.* weights")
     own = backbone.state_dict()
@@ -349,15 +372,27 @@ def build_datamodule(cfg: ExperimentConfig, tokenizer, image_processor):
         val = val or str(root / "val")
 
         def generate() -> None:
-            writer(root, num_train=syn.num_train, num_val=syn.num_val, image_size=syn.image_size, seed=syn.seed)
+            writer(
+                root, num_train=syn.num_train, num_val=syn.num_val, image_size=syn.image_size, seed=syn.seed
+            )
 
     elif not Path(train).exists() and not any(ch in train for ch in "*{,"):
         raise ConfigError(f"key 'data.train': {train} does not exist")
     return ImageTextDataModule(
-        train=train, val=val, tokenizer=tokenizer, image_processor=image_processor, template=data.template,
-        batch_size=data.batch_size, val_batch_size=data.val_batch_size, num_workers=data.num_workers,
-        shuffle_buffer=data.shuffle_buffer, max_length=data.max_length, num_eos=data.num_eos,
-        seed=cfg.trainer.seed, max_fault_fraction=data.max_fault_fraction, generate=generate,
+        train=train,
+        val=val,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        template=data.template,
+        batch_size=data.batch_size,
+        val_batch_size=data.val_batch_size,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        max_length=data.max_length,
+        num_eos=data.num_eos,
+        seed=cfg.trainer.seed,
+        max_fault_fraction=data.max_fault_fraction,
+        generate=generate,
         length_grouping=data.length_grouping,
     )
 
@@ -369,14 +404,22 @@ def build_trajectory_datamodule(cfg: ExperimentConfig, tokenizer, image_processo
     datasets = [{"path": d.path, "weight": d.weight} for d in data.datasets]
     generate = None
     if data.synthetic is not None:
-        from data_modules.demos import generate_demos
+        from data_modules.demos import DemoConfig, generate_demos
 
         syn = data.synthetic
         root = Path(data.synthetic_dir)
         datasets = datasets or [{"path": str(root), "weight": 1.0}]
+        demo = DemoConfig(
+            task=syn.kind,
+            episodes=syn.num_train,
+            out=str(root),
+            seed=syn.seed,
+            image_size=syn.image_size,
+            workers=max(1, data.num_workers),
+        )
 
         def generate() -> None:
-            generate_demos(syn.kind, root, episodes=syn.num_train, seed=syn.seed, image_size=syn.image_size)
+            generate_demos(demo)
 
     elif data.train is not None:
         datasets = datasets or [{"path": data.train, "weight": 1.0}]
@@ -384,12 +427,24 @@ def build_trajectory_datamodule(cfg: ExperimentConfig, tokenizer, image_processo
         if data.synthetic is None and not Path(entry["path"]).exists():
             raise ConfigError(f"key 'data.datasets': {entry['path']} does not exist")
     return TrajectoryDataModule(
-        datasets=datasets, tokenizer=tokenizer, image_processor=image_processor, horizon=data.horizon,
-        batch_size=data.batch_size, val_batch_size=data.val_batch_size, cameras=data.cameras,
-        use_proprio=data.use_proprio, normalization=data.normalization, image_size=data.image_size,
-        augment=data.augment, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
-        seed=cfg.trainer.seed, val_episodes=data.val_episodes, balance=data.balance,
-        max_fault_fraction=data.max_fault_fraction, generate=generate,
+        datasets=datasets,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        horizon=data.horizon,
+        batch_size=data.batch_size,
+        val_batch_size=data.val_batch_size,
+        cameras=data.cameras,
+        use_proprio=data.use_proprio,
+        normalization=data.normalization,
+        image_size=data.image_size,
+        augment=data.augment,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=cfg.trainer.seed,
+        balance=data.balance,
+        val_episodes=int(data.val_episodes) if data.val_episodes >= 1 else data.val_episodes,
+        max_fault_fraction=data.max_fault_fraction,
+        generate=generate,
     )
 
 
@@ -402,9 +457,14 @@ def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
 
     t, run_dir = cfg.trainer, cfg.run_dir
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="step-{step:07d}",
+        dirpath=run_dir / "checkpoints",
+        filename="step-{step:07d}",
         every_n_train_steps=t.checkpoint_every_n_steps,
-        save_last=True, save_top_k=2, monitor="step", mode="max", auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=2,
+        monitor="step",
+        mode="max",
+        auto_insert_metric_name=False,
     )
     callbacks = [
         checkpoint,
@@ -419,10 +479,16 @@ def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
         from dvlx.eval.vl import GenerationSettings
 
         val = cfg.data.val or str(Path(cfg.data.synthetic_dir) / "val")
-        settings = GenerationSettings(steps=gen.steps, max_new_tokens=gen.max_new_tokens, alg=gen.alg,
-                                      template=cfg.data.template, batch_size=cfg.data.batch_size)
-        callbacks.append(GenerationMonitor(val, tokenizer, image_processor, settings, gen.num_samples,
-                                           gen.num_logged))
+        settings = GenerationSettings(
+            steps=gen.steps,
+            max_new_tokens=gen.max_new_tokens,
+            alg=gen.alg,
+            template=cfg.data.template,
+            batch_size=cfg.data.batch_size,
+        )
+        callbacks.append(
+            GenerationMonitor(val, tokenizer, image_processor, settings, gen.num_samples, gen.num_logged)
+        )
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=t.max_steps,

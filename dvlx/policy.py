@@ -36,8 +36,15 @@ class SpecMismatchError(ValueError):
 
 
 class Policy:
-    def __init__(self, backbone: DreamVL, objective, tokenizer: Tokenizer, image_processor: ImageProcessor,
-                 spec: ActionSpec, source: str = "") -> None:
+    def __init__(
+        self,
+        backbone: DreamVL,
+        objective,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        spec: ActionSpec,
+        source: str = "",
+    ) -> None:
         self.backbone = backbone.eval()
         self.objective = objective.eval()
         self.tokenizer = tokenizer
@@ -46,9 +53,15 @@ class Policy:
         self.source = source
 
     @classmethod
-    def from_pretrained(cls, export_dir: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, expected_spec_fingerprint: str | None = None,
-                        allow_spec_mismatch: bool = False) -> Policy:
+    def from_pretrained(
+        cls,
+        export_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        expected_spec_fingerprint: str | None = None,
+        allow_spec_mismatch: bool = False,
+    ) -> Policy:
         """Loads an export written by `dvlx.fit` (VLA stage). With `expected_spec_fingerprint` (e.g. from the
         data a caller prepared), a different stored spec is refused unless `allow_spec_mismatch`."""
         folder = Path(export_dir)
@@ -59,20 +72,25 @@ class Policy:
         spec = ActionSpec.load(folder / ACTION_SPEC_FILE)
         if meta.get("action_spec_fingerprint") not in (None, spec.fingerprint()):
             raise SpecMismatchError(
-                f"{folder / ACTION_SPEC_FILE}: fingerprint {spec.fingerprint()} differs from the one recorded "
+                f"{folder / ACTION_SPEC_FILE}: fingerprint {spec.fingerprint()} differs from the recorded "
                 f"at export ({meta['action_spec_fingerprint']}); the statistics were edited after training"
             )
-        if expected_spec_fingerprint is not None and expected_spec_fingerprint != spec.fingerprint() \
-                and not allow_spec_mismatch:
+        if (
+            expected_spec_fingerprint is not None
+            and expected_spec_fingerprint != spec.fingerprint()
+            and not allow_spec_mismatch
+        ):
             raise SpecMismatchError(
                 f"{folder}: action spec fingerprint {spec.fingerprint()} differs from the expected "
-                f"{expected_spec_fingerprint} (other statistics or dims); pass allow_spec_mismatch=True to use it"
+                f"{expected_spec_fingerprint} (other statistics or dims); allow_spec_mismatch=True overrides"
             )
         tokenizer = Tokenizer.from_pretrained(folder)
         backbone = DreamVL.from_pretrained(folder, dtype=dtype, device=device)
         backbone.config.attention = meta.get("attention", backbone.config.attention)
         objective_cfg = ObjectiveConfig(**meta["objective"])
-        objective = objective_class(objective_cfg.name)(spec, backbone.config.hidden_size, objective_cfg, tokenizer)
+        objective = objective_class(objective_cfg.name)(
+            spec, backbone.config.hidden_size, objective_cfg, tokenizer
+        )
         objective.load_state_dict(load_file(str(folder / OBJECTIVE_FILE)))
         objective.to(device=device, dtype=dtype or torch.float32)
         return cls(backbone, objective, tokenizer, ImageProcessor.from_pretrained(folder), spec, str(folder))
@@ -99,13 +117,16 @@ class Policy:
             raise SpecMismatchError("observation['images'] must map camera names to images")
         missing = [c for c in self.spec.cameras if c not in images]
         if missing:
-            raise SpecMismatchError(f"observation lacks cameras {missing}; the policy was trained with "
-                                    f"{self.spec.cameras}")
+            raise SpecMismatchError(
+                f"observation lacks cameras {missing}; the policy was trained with {self.spec.cameras}"
+            )
         if self.spec.proprio_dim:
             proprio = np.asarray(observation.get("proprio", ()), dtype=np.float64)
             if proprio.shape != (self.spec.proprio_dim,):
-                raise SpecMismatchError(f"observation['proprio'] has shape {proprio.shape}, the policy was "
-                                        f"trained with proprio of {self.spec.proprio_dim} ({self.spec.proprio_names})")
+                raise SpecMismatchError(
+                    f"observation['proprio'] has shape {proprio.shape}, the policy was "
+                    f"trained with proprio of {self.spec.proprio_dim} ({self.spec.proprio_names})"
+                )
         if not isinstance(observation.get("instruction"), str):
             raise SpecMismatchError("observation['instruction'] must be a string")
 
@@ -116,11 +137,17 @@ class Policy:
             self.check_observation(obs)
             vision = self.image_processor(images=[self._image(obs["images"][c]) for c in self.spec.cameras])
             counts = [self.image_processor.num_image_tokens(g) for g in vision["image_grid_thw"]]
-            rows.append(encode_action_prompt(
-                self.tokenizer, obs["instruction"], counts, self.spec.horizon * self.spec.action_dim,
-                use_proprio=self.spec.proprio_dim > 0, system_prompt=self.spec.system_prompt,
-                instruction_template=self.spec.instruction_template,
-            ))
+            rows.append(
+                encode_action_prompt(
+                    self.tokenizer,
+                    obs["instruction"],
+                    counts,
+                    self.spec.horizon * self.spec.action_dim,
+                    use_proprio=self.spec.proprio_dim > 0,
+                    system_prompt=self.spec.system_prompt,
+                    instruction_template=self.spec.instruction_template,
+                )
+            )
             pixel_values.append(vision["pixel_values"])
             grids.append(vision["image_grid_thw"])
             if self.spec.proprio_dim:
@@ -139,8 +166,9 @@ class Policy:
             "prefix_mask": pad([r.prefix for r in rows], False, torch.bool),
             "pixel_values": torch.cat(pixel_values),
             "image_grid_thw": torch.cat(grids),
-            "proprio": torch.tensor(np.stack(proprio) if proprio else np.zeros((len(rows), 0)),
-                                    dtype=torch.float32),
+            "proprio": torch.tensor(
+                np.stack(proprio) if proprio else np.zeros((len(rows), 0)), dtype=torch.float32
+            ),
         }
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -149,7 +177,9 @@ class Policy:
     def predict_batch(self, observations: Sequence[Mapping], steps: int | None = None) -> np.ndarray:
         """Action chunks [B, H, A] in robot units."""
         batch = self.make_batch(observations)
-        normalised = self.objective.sample(self.backbone, batch, steps=steps).float().cpu().numpy()  # [B, H, A]
+        normalised = (
+            self.objective.sample(self.backbone, batch, steps=steps).float().cpu().numpy()
+        )  # [B, H, A]
         if self.spec.action_normalizer.mode != "mean_std":
             # Bounded modes trained on targets in [-1, 1]; a continuous head may overshoot them.
             normalised = np.clip(normalised, -1.0, 1.0)
@@ -181,6 +211,8 @@ class ChunkExecutor:
         if not self.queue:
             chunk = self.predict(observation)
             if self.open_loop_steps > len(chunk):
-                raise ValueError(f"open_loop_steps {self.open_loop_steps} exceeds the chunk length {len(chunk)}")
+                raise ValueError(
+                    f"open_loop_steps {self.open_loop_steps} exceeds the chunk length {len(chunk)}"
+                )
             self.queue.extend(chunk[: self.open_loop_steps])
         return self.queue.popleft()

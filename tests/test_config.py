@@ -44,8 +44,11 @@ BAD_CASES = [
     ("optim:\n  lr: 1\n", ["optim.lr=fast"], "command line: key 'optim.lr'"),
     ("optim:\n  lr: 1\n", ["optim.lr"], "command line: override 'optim.lr' is not of the form key=value"),
     ("backbone:\n  attention: ful\n", [], "key 'backbone.attention': 'ful' is not one of"),
-    ("stage:\n  name: vl_pretrian\n", [], "key 'stage.name': 'vl_pretrian' is not one of ['vl_pretrain'] "
-                                          "(did you mean 'vl_pretrain'?)"),
+    (
+        "stage:\n  name: vl_pretrian\n",
+        [],
+        "key 'stage.name': 'vl_pretrian' is not one of ['vl_pretrain'] (did you mean 'vl_pretrain'?)",
+    ),
     ("data:\n  batch_size: 0\n", [], "key 'data.batch_size': must be positive"),
     ("optim:\n  schedule: cosin\n", [], "did you mean 'cosine'?"),
     ("processor:\n  min_pixels: 100\n  max_pixels: 10\n", [], "key 'processor.max_pixels'"),
@@ -104,8 +107,10 @@ def test_print_config(tmp_path: Path, base: Path, capsys: pytest.CaptureFixture)
 def test_sweep_variants() -> None:
     variants = sweep_variants(["optim.lr=0.1,0.2", "data.batch_size=4,8"])
     assert [name for name, _ in variants] == [
-        "optim.lr-0.1_data.batch_size-4", "optim.lr-0.1_data.batch_size-8",
-        "optim.lr-0.2_data.batch_size-4", "optim.lr-0.2_data.batch_size-8",
+        "optim.lr-0.1_data.batch_size-4",
+        "optim.lr-0.1_data.batch_size-8",
+        "optim.lr-0.2_data.batch_size-4",
+        "optim.lr-0.2_data.batch_size-8",
     ]
     assert variants[1][1] == ["optim.lr=0.1", "data.batch_size=8"]
     assert sweep_variants([]) == [("", [])]

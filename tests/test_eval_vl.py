@@ -22,6 +22,15 @@ from dvlx.eval.vl import format_choices, read_jsonl
 from dvlx.processing import ImageProcessor, build_tiny_tokenizer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread avoids OpenMP spinning when other jobs share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tiny_tokenizer()

@@ -52,8 +52,9 @@ def train_losses(rows: list[dict[str, str]]) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
-def test_fit_checkpoint_resume_export(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_fit_checkpoint_resume_export(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
     assert main(args(tmp_path, data_dir, 30)) == 0
     run_dir = tmp_path / "runs" / "tiny_vl_pretrain" / "default"
     assert (run_dir / "config.yaml").is_file()
@@ -90,8 +91,10 @@ def test_fit_checkpoint_resume_export(tmp_path: Path, data_dir: Path, capsys: py
 
 
 def test_sweep_runs_each_variant(tmp_path: Path, data_dir: Path) -> None:
-    assert main([*args(tmp_path, data_dir, 3, "trainer.val_every_n_steps=3"),
-                 "--sweep", "optim.lr=0.001,0.002"]) == 0
+    assert (
+        main([*args(tmp_path, data_dir, 3, "trainer.val_every_n_steps=3"), "--sweep", "optim.lr=0.001,0.002"])
+        == 0
+    )
     root = tmp_path / "runs" / "tiny_vl_pretrain"
     for value in ("0.001", "0.002"):
         run_dir = root / f"optim.lr-{value}"

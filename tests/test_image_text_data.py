@@ -614,11 +614,15 @@ def test_length_grouping_batches_neighbours() -> None:
     grouped = list(_group_by_length(iter(samples), 4, 8, np.random.default_rng(1)))
 
     def padding(batches):
-        return sum(max(len(s["input_ids"]) for s in b) * len(b) - sum(len(s["input_ids"]) for s in b)
-                   for b in batches)
+        return sum(
+            max(len(s["input_ids"]) for s in b) * len(b) - sum(len(s["input_ids"]) for s in b)
+            for b in batches
+        )
 
     assert [len(b) for b in grouped] == [4] * 16
     assert sorted(len(s["input_ids"]) for b in grouped for s in b) == sorted(int(n) for n in rng_lengths)
     assert padding(grouped) < 0.5 * padding(plain)
     again = list(_group_by_length(iter(samples), 4, 8, np.random.default_rng(1)))
-    assert [[len(s["input_ids"]) for s in b] for b in again] == [[len(s["input_ids"]) for s in b] for b in grouped]
+    assert [[len(s["input_ids"]) for s in b] for b in again] == [
+        [len(s["input_ids"]) for s in b] for b in grouped
+    ]

@@ -74,8 +74,10 @@ def test_vl_pretrain_trains_only_the_projector(setup) -> None:
     ],
 )
 def test_trainable_parts(trainable: str, expected_prefixes: tuple[str, ...]) -> None:
-    cfg = load_config(REPO / "experiments" / "tiny_vl_pretrain.yaml",
-                      [f"stage.trainable={trainable}", "stage.vision_from_block=1"])
+    cfg = load_config(
+        REPO / "experiments" / "tiny_vl_pretrain.yaml",
+        [f"stage.trainable={trainable}", "stage.vision_from_block=1"],
+    )
     tokenizer = build_tokenizer(cfg)
     stage = build_stage(cfg, build_backbone(cfg, tokenizer))
     trainable_names = {n for n, p in stage.named_parameters() if p.requires_grad}

@@ -26,8 +26,11 @@ def build(objective: str, lora_rank: int = 0, spec=None):
     tokenizer = build_tiny_tokenizer()
     ActionTokenizer(tokenizer).ensure_tokens()
     spec = spec or tiny_spec()
-    cfg = ExperimentConfig(stage=StageConfig(name="vla"), objective=ObjectiveConfig(name=objective),
-                           lora=LoraConfig(rank=lora_rank, alpha=8))
+    cfg = ExperimentConfig(
+        stage=StageConfig(name="vla"),
+        objective=ObjectiveConfig(name=objective),
+        lora=LoraConfig(rank=lora_rank, alpha=8),
+    )
     stage = VLA(cfg, tiny_backbone(tokenizer), tokenizer, spec)
     return stage, tokenizer, spec
 
@@ -39,7 +42,9 @@ def test_every_trainable_parameter_is_optimised(objective: str, lora_rank: int) 
     optimizer = stage.configure_optimizers()["optimizer"]
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trainable = {name for name, p in stage.named_parameters() if p.requires_grad}
-    assert {name for name, p in stage.named_parameters() if p.requires_grad and id(p) not in optimised} == set()
+    assert {
+        name for name, p in stage.named_parameters() if p.requires_grad and id(p) not in optimised
+    } == set()
     assert any(name.startswith("objective.") for name in trainable)
     if lora_rank:
         backbone_trainable = {n for n in trainable if n.startswith("backbone.")}
@@ -70,14 +75,30 @@ def test_lora_merge_restores_official_names_and_outputs(tmp_path: Path) -> None:
 
 
 def export_policy(tmp_path: Path, objective: str = "l1"):
-    stats = ArrayStats(mean=[0.0] * 3, std=[1.0] * 3, min=[-2.0, 0.0, -1.0], max=[2.0, 10.0, 1.0],
-                       q01=[-2.0, 0.0, -1.0], q99=[2.0, 10.0, 1.0], count=10)
-    spec = dataclasses.replace(tiny_spec(), action_normalizer=Normalizer("bounds_q99", stats, [True, True, False]),
-                               center_crop=0.9)
+    stats = ArrayStats(
+        mean=[0.0] * 3,
+        std=[1.0] * 3,
+        min=[-2.0, 0.0, -1.0],
+        max=[2.0, 10.0, 1.0],
+        q01=[-2.0, 0.0, -1.0],
+        q99=[2.0, 10.0, 1.0],
+        count=10,
+    )
+    spec = dataclasses.replace(
+        tiny_spec(), action_normalizer=Normalizer("bounds_q99", stats, [True, True, False]), center_crop=0.9
+    )
     stage, tokenizer, spec = build(objective, spec=spec)
-    processor = ImageProcessor(min_pixels=spec.image_size ** 2, max_pixels=spec.image_size ** 2)
-    folder = write_export(tmp_path / "export", stage.backbone, tokenizer, processor, stage="VLA", step=1,
-                          objective=stage.objective, spec=spec)
+    processor = ImageProcessor(min_pixels=spec.image_size**2, max_pixels=spec.image_size**2)
+    folder = write_export(
+        tmp_path / "export",
+        stage.backbone,
+        tokenizer,
+        processor,
+        stage="VLA",
+        step=1,
+        objective=stage.objective,
+        spec=spec,
+    )
     return stage, folder, spec
 
 

@@ -27,9 +27,16 @@ def lora_target_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
     return chosen
 
 
-def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targets: Sequence[str],
-               output_token_ids: Sequence[int] | None = None, input_token_ids: Sequence[int] | None = None
-               ) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: Sequence[str],
+    output_token_ids: Sequence[int] | None = None,
+    input_token_ids: Sequence[int] | None = None,
+) -> list[str]:
     """Freezes `model` and injects LoRA adapters, plus trainable deltas for the `lm_head` rows of
     `output_token_ids` and the `embed_tokens` rows of `input_token_ids`. Returns the adapted module names."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -40,15 +47,20 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
         tokens["lm_head"] = sorted(int(i) for i in output_token_ids)
     if input_token_ids:
         tokens["embed_tokens"] = sorted(int(i) for i in input_token_ids)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                        trainable_token_indices=tokens or None)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=names,
+        trainable_token_indices=tokens or None,
+    )
     model.requires_grad_(False)
     inject_adapter_in_model(config, model)
     return names
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Folds every adapter into its base weight and puts the plain module back; returns how many were merged."""
+    """Folds every adapter into its base weight and restores the plain module; returns how many it merged."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import TrainableTokensWrapper
 

@@ -1,10 +1,11 @@
 """Generation throughput: generated tokens/s with and without the prefix KV cache.
 
-    python -m dvlx.bench generate [--max-new-tokens 64] [--image-size 224] [--batch 1] [--repeats 3]
+    python -m dvlx.bench generate [--max-new-tokens 64] [--image-size 224] [--batch 1] [--repeats 5]
+        [--hidden-size D --layers K] [--model DIR] [--threads 1]
 
 Model: the tiny preset with random weights (or `--model DIR`), one image and a short question in the
-qwen_2_5 layout, maskgit_plus greedy. For steps = N, N/4 and 1 it times `generate` (the vision tower runs
-once per call either way) in four variants:
+qwen_2_5 layout, maskgit_plus greedy. For steps = max_new_tokens, a quarter of it and 1 it times
+`generate` (the vision tower runs once per call either way) in four variants:
 - `full`, uncached: what the reference does, the whole sequence recomputed at every step (the baseline);
 - `full`, cached: the approximate prefix cache under full attention;
 - `prefix`, uncached and cached: the exact cache (the tokens must be identical, which is checked).
@@ -37,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=None, help="model folder; default: tiny preset, random weights")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="default: N, N/4 and 1")
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=None, help="default: max_new_tokens, a quarter of it, 1"
+    )
     parser.add_argument("--image-size", type=int, default=224, help="side of the square test image")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")

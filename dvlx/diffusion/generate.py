@@ -130,7 +130,7 @@ def _finished(canvas: Tensor, mask_token_id: int, stop_ids: Tensor) -> Tensor:
 
 
 def _logits(model, hidden: Tensor, slots: Tensor, allowed: Tensor | None) -> Tensor:
-    """Logits [M, V] of the hidden states [B, N, D] at the Bool[B, N] `slots` (row-major), restricted."""
+    """Logits [masked, V] of hidden [B, slots, D] at the Bool[B, slots] `slots` (row-major), restricted."""
     logits = model.lm_head(hidden[slots])
     return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
@@ -215,7 +215,7 @@ def generate(
     forward = {"attention_mask": full_mask, "attention_mode": mode, "prefix_mask": prefix_mask}
     cache = None
     for step in range(steps):
-        canvas = x[:, prompt_length:]  # [B, N] view
+        canvas = x[:, prompt_length:]  # [B, slots] view
         masked = canvas == mask_id
         if not bool(masked.any()):
             break
@@ -227,14 +227,14 @@ def generate(
                 return_logits=False,
                 **forward,
             )
-            hidden = out.last_hidden_state[:, :max_new_tokens]  # [B, N, D]
+            hidden = out.last_hidden_state[:, :max_new_tokens]  # [B, slots, D]
         else:
             out = model(inputs_embeds=embeds, use_cache=use_cache, return_logits=False, **forward)
             if use_cache:
                 # Keep the first L - 1 prompt positions; the last one is re-fed because it predicts slot 0.
                 cache = out.past_key_values
                 cache.crop(-(max_new_tokens + 1))
-            hidden = out.last_hidden_state[:, prompt_length - 1 : total - 1]  # [B, N, D]
+            hidden = out.last_hidden_state[:, prompt_length - 1 : total - 1]  # [B, slots, D]
         # Position j - 1 predicts slot j: hidden[:, j] is the state that predicts canvas slot j.
         if alg == "origin":
             if schedule == "original":

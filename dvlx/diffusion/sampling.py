@@ -123,22 +123,25 @@ def filter_logits(
 def draw_tokens(
     probs: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(tokens Long[M], their probabilities [M]) from probs [M, V]: argmax at temperature 0, else a draw."""
+    """Tokens Long[masked] and their probabilities [masked] from probs [masked, V].
+
+    Greedy (argmax) at temperature 0, otherwise one draw per row.
+    """
     if temperature > 0 and probs.shape[0] > 0:
-        tokens = torch.multinomial(probs.float(), 1, generator=generator)  # [M, 1]
+        tokens = torch.multinomial(probs.float(), 1, generator=generator)  # [masked, 1]
         return tokens[:, 0], probs.gather(-1, tokens)[:, 0]
     chosen, tokens = probs.max(dim=-1)
     return tokens, chosen
 
 
 def confidence(probs: Tensor, chosen: Tensor, alg: str) -> Tensor:
-    """Confidence [M] of each slot for `alg` (maskgit_plus / topk_margin / entropy); higher = more certain."""
+    """Confidence [masked] of each slot for `alg` (maskgit_plus, topk_margin, entropy); higher = surer."""
     check_choice("alg", alg, tuple(_CONFIDENCE_OF))
     kind = _CONFIDENCE_OF[alg]
     if kind == "probability":
         return chosen
     if kind == "margin":
-        top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values  # [M, 2]
+        top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values  # [masked, 2]
         return top2[:, 0] - top2[:, -1] if top2.shape[-1] == 2 else top2[:, 0]
     return (probs * torch.log(probs + _ENTROPY_EPS)).sum(dim=-1)
 
@@ -151,9 +154,10 @@ def select_positions(
     alg_temp: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Bool[B, N]: for each row b, `counts[b]` of its masked slots, the highest `scores` first.
+    """Bool[B, slots]: for each row b, `counts[b]` of its masked slots, the highest `scores` first.
 
-    scores [B, N] (entries at unmasked slots are ignored), masked Bool[B, N], counts Long[B] <= masked count.
+    scores [B, slots] (entries at unmasked slots are ignored), masked Bool[B, slots], counts Long[B] at most
+    each row's masked count.
     alg_temp > 0 draws the slots without replacement from softmax(scores / alg_temp) instead (Gumbel-top-k).
     Ranking runs over each row's masked slots in position order, so for one row it is exactly
     `topk(scores[masked], k)` as in the reference.
@@ -171,7 +175,7 @@ def select_positions(
         gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
         scores = scores.float() / alg_temp + gumbel
     # Masked slots first, in position order: idx[b, :n_b] are row b's masked positions.
-    idx = torch.argsort((~masked).to(torch.int8), dim=1, stable=True)  # [B, N]
+    idx = torch.argsort((~masked).to(torch.int8), dim=1, stable=True)  # [B, slots]
     n_max = int(n_masked.max())
     idx = idx[:, :n_max]
     compact = scores.gather(1, idx)  # [B, n_max]
@@ -184,7 +188,7 @@ def select_positions(
 
 
 def random_positions(masked: Tensor, counts: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Bool[B, N]: `counts[b]` masked slots of row b chosen uniformly at random without replacement."""
+    """Bool[B, slots]: `counts[b]` masked slots of row b chosen uniformly at random without replacement."""
     uniform = torch.rand(masked.shape, generator=generator, device=masked.device)
     return select_positions(uniform, masked, counts)
 
@@ -192,7 +196,7 @@ def random_positions(masked: Tensor, counts: Tensor, generator: torch.Generator 
 def origin_positions(
     masked: Tensor, fraction: Tensor | float, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Bool[B, N]: each masked slot independently with probability `fraction` (the reference's `origin`)."""
+    """Bool[B, slots]: each masked slot independently with probability `fraction` (reference `origin`)."""
     uniform = torch.rand(masked.shape, generator=generator, device=masked.device)
     if isinstance(fraction, Tensor):
         fraction = fraction.to(masked.device)

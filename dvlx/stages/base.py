@@ -58,7 +58,9 @@ def unfreeze_parts(backbone: DreamVL, parts, vision_from_block: int) -> None:
             module.requires_grad_(True)
 
 
-def build_optimizer(module: torch.nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int) -> dict:
+def build_optimizer(
+    module: torch.nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int
+) -> dict:
     """AdamW over `groups` (every trainable parameter of `module` must be in one) with the LR schedule."""
     grouped = {id(p) for g in groups for p in g["params"]}
     missing = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in grouped]
@@ -149,7 +151,10 @@ class DiffusionStage(LightningModule):
             return_logits=False,
         )
         result = self.diffusion.loss(
-            out.last_hidden_state, self.backbone.lm_head, batch["input_ids"], corruption.masked,
+            out.last_hidden_state,
+            self.backbone.lm_head,
+            batch["input_ids"],
+            corruption.masked,
             batch["attention_mask"],
         )
         return result, corruption

@@ -7,6 +7,7 @@ never trained its flow-matching head), the metrics and what goes into checkpoint
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from lightning import LightningModule
 from torch import Tensor
@@ -33,8 +34,13 @@ class VLA(LightningModule):
         # The objective's own attention needs (the `ar` baseline is causal) win over the configured mode.
         backbone.config.attention = self.objective.attention or cfg.backbone.attention
         self.configure_trainable(tokenizer)
-        self.metrics = torch.nn.ModuleDict()
         self.sampled_l1 = MeanMetric()
+        self.baseline_l1 = MeanMetric()
+        # The training-set mean action (normalised): the baseline a policy must beat (`val/l1_mean_baseline`).
+        mean = np.asarray(spec.action_normalizer.stats.mean, dtype=np.float32)
+        self.register_buffer(
+            "mean_action", torch.as_tensor(spec.action_normalizer.normalize(mean)), persistent=False
+        )
         self.last_val_sample: dict[str, Tensor] | None = None
 
     def configure_trainable(self, tokenizer) -> None:
@@ -44,19 +50,31 @@ class VLA(LightningModule):
             if lora.train_action_rows and getattr(self.objective, "uses_action_tokens", False):
                 outputs = self.objective.action_tokens.token_ids.tolist()
                 inputs = outputs if self.objective.feeds_action_tokens else None
-            apply_lora(self.backbone, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                       targets=lora.targets, output_token_ids=outputs, input_token_ids=inputs)
+            apply_lora(
+                self.backbone,
+                rank=lora.rank,
+                alpha=lora.alpha,
+                dropout=lora.dropout,
+                targets=lora.targets,
+                output_token_ids=outputs,
+                input_token_ids=inputs,
+            )
         else:
             parts = self.cfg.stage.trainable if self.cfg.stage.trainable is not None else TRAINABLE_PARTS_ALL
             unfreeze_parts(self.backbone, parts, self.cfg.stage.vision_from_block)
+            if not getattr(self.objective, "uses_action_tokens", False):
+                # Continuous heads never read the LM's logits: a trainable lm_head would get no gradient
+                # (and DDP would wait for it).
+                self.backbone.lm_head.requires_grad_(False)
         self.objective.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------ steps
-    def _metric(self, name: str) -> MeanMetric:
-        key = name.replace("/", "__")
-        if key not in self.metrics:
-            self.metrics[key] = MeanMetric().to(self.device)
-        return self.metrics[key]
+    @staticmethod
+    def masked_l1(predicted: Tensor, batch: dict) -> Tensor:
+        """Mean |predicted - actions| over the valid chunk steps ([B, H, A] normalised)."""
+        valid = batch["action_valid"].unsqueeze(-1).to(predicted.dtype)  # [B, H, 1]
+        error = (predicted - batch["actions"]).abs() * valid
+        return error.sum() / (valid.sum() * predicted.shape[-1]).clamp(min=1)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.objective.loss(self.backbone, batch)
@@ -74,17 +92,21 @@ class VLA(LightningModule):
             self.log(f"val/{name}", value, batch_size=bs, sync_dist=True)
         if batch_idx < self.cfg.stage.val_sample_batches:
             predicted = self.objective.sample(self.backbone, batch)  # [B, H, A] normalised
-            valid = batch["action_valid"].unsqueeze(-1).to(predicted.dtype)  # [B, H, 1]
-            error = ((predicted - batch["actions"]).abs() * valid).sum() / (valid.sum() * predicted.shape[-1])
-            self.sampled_l1.update(error, weight=bs)
+            self.sampled_l1.update(self.masked_l1(predicted, batch), weight=bs)
+            mean = self.mean_action.to(predicted.dtype).expand_as(predicted)  # [B, H, A]
+            self.baseline_l1.update(self.masked_l1(mean, batch), weight=bs)
             if batch_idx == 0:
-                self.last_val_sample = {"predicted": predicted.detach().cpu(),
-                                        "target": batch["actions"].detach().cpu()}
+                self.last_val_sample = {
+                    "predicted": predicted.detach().cpu(),
+                    "target": batch["actions"].detach().cpu(),
+                }
 
     def on_validation_epoch_end(self) -> None:
         if self.sampled_l1.update_count:
             self.log("val/l1_sampled", self.sampled_l1.compute(), prog_bar=True)
+            self.log("val/l1_mean_baseline", self.baseline_l1.compute())
             self.sampled_l1.reset()
+            self.baseline_l1.reset()
 
     # --------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
