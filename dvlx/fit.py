@@ -473,6 +473,10 @@ def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
         throughput_monitor(),
         ExportOnTrainEnd(run_dir / "export", tokenizer, image_processor, to_yaml(cfg)),
     ]
+    if cfg.stage.name == "vla":
+        from callbacks.action_plots import ActionChunkPlot
+
+        callbacks.append(ActionChunkPlot())
     gen = cfg.stage.generation
     if gen.enabled and cfg.data.kind == "image_text":
         from callbacks.generation_samples import GenerationMonitor

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "loss": "O(L) CART weights + masked-diffusion loss against the L x L table formulation",
     "data": "image-text samples/s per worker against a plain JPEG-decode loop",
     "generate": "generated tokens/s with and without the prefix KV cache against full recomputation",
+    "decode": "action-chunk latency per objective and step count, with the issue 5 decoding ratios",
 }
 
 
