@@ -372,7 +372,33 @@ class EpochDataLoader(DataLoader):
         return super().__iter__()
 
 
-class ImageTextDataModule(LightningDataModule):
+class StreamingDataModule(LightningDataModule):
+    """Rank, world size and epoch for the streaming DataModules (`rank_override`/`world_size_override` are
+    set by the subclass from its `rank`/`world_size` arguments, for tests)."""
+
+    rank_override: int | None = None
+    world_size_override: int | None = None
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used when no trainer is attached (a trainer's `current_epoch` wins)."""
+        self.epoch = int(epoch)
+
+    def current_epoch(self) -> int:
+        trainer = self.trainer
+        return int(trainer.current_epoch) if trainer is not None else self.epoch
+
+    def rank_and_world(self) -> tuple[int, int]:
+        if self.rank_override is not None and self.world_size_override is not None:
+            return self.rank_override, self.world_size_override
+        if self.trainer is not None:
+            return int(self.trainer.global_rank), int(self.trainer.world_size)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+
+class ImageTextDataModule(StreamingDataModule):
     """Image-text conversation shards -> batches for the VL stages (see docs/data.md).
 
     `rank`/`world_size` override the values taken from the trainer or torch.distributed (for tests).
@@ -450,23 +476,6 @@ class ImageTextDataModule(LightningDataModule):
             )
         self.num_train_samples = sum(n for n in counts if n is not None)
         self.val_shards = list_shards(self.val_spec) if self.val_spec is not None else []
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch used when no trainer is attached (a trainer's `current_epoch` wins)."""
-        self.epoch = int(epoch)
-
-    def current_epoch(self) -> int:
-        trainer = self.trainer
-        return int(trainer.current_epoch) if trainer is not None else self.epoch
-
-    def rank_and_world(self) -> tuple[int, int]:
-        if self.rank_override is not None and self.world_size_override is not None:
-            return self.rank_override, self.world_size_override
-        if self.trainer is not None:
-            return int(self.trainer.global_rank), int(self.trainer.world_size)
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
 
     def num_batches(self, world_size: int | None = None) -> int:
         """Training batches per rank per epoch."""

@@ -20,13 +20,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from data_modules.faults import FaultCounter, register_fault_kind
-from data_modules.image_text import EpochDataLoader, ImageTextStream, _Skip, collate_image_text
+from data_modules.image_text import (
+    EpochDataLoader,
+    ImageTextStream,
+    StreamingDataModule,
+    _Skip,
+    collate_image_text,
+)
 from data_modules.shards import ShardWriter, encode_image, list_shards, meta_is_complete, read_meta
 from data_modules.stats import DEFAULT_MAX_EXACT_ROWS, StatsAccumulator
 from dvlx.processing import DEFAULT_SYSTEM_PROMPT, ImageProcessor, Tokenizer
@@ -823,7 +827,7 @@ def _dataset_entries(datasets: Any) -> list[tuple[str, float]]:
     return entries
 
 
-class TrajectoryDataModule(LightningDataModule):
+class TrajectoryDataModule(StreamingDataModule):
     """Trajectory shard sets (a weighted mixture) -> VLA batches (docs/data.md, section "Trajectory data").
 
     The action spec (H from `horizon`, A, S, cameras, names and normalisation from the datasets' meta.json)
@@ -1003,24 +1007,7 @@ class TrajectoryDataModule(LightningDataModule):
         self.prepare()
         return sum(d.frames(val=True) for d in self._datasets)
 
-    # ---- ranks and epochs -----------------------------------------------------------------------------
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch used when no trainer is attached (a trainer's `current_epoch` wins)."""
-        self.epoch = int(epoch)
-
-    def current_epoch(self) -> int:
-        trainer = self.trainer
-        return int(trainer.current_epoch) if trainer is not None else self.epoch
-
-    def rank_and_world(self) -> tuple[int, int]:
-        if self.rank_override is not None and self.world_size_override is not None:
-            return self.rank_override, self.world_size_override
-        if self.trainer is not None:
-            return int(self.trainer.global_rank), int(self.trainer.world_size)
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+    # ---- ranks and epochs (StreamingDataModule) ---------------------------------------------------------
 
     def num_batches(self, world_size: int | None = None) -> int:
         """Training batches per rank per epoch: floor(training frames of all datasets / (world * batch))."""

@@ -21,14 +21,7 @@ from dvlx.eval import __main__ as eval_main
 from dvlx.eval.vl import format_choices, read_jsonl
 from dvlx.processing import ImageProcessor, build_tiny_tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP spinning when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

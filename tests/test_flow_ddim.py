@@ -10,14 +10,7 @@ import torch
 from dvlx.diffusion.ddim import DDIMSchedule, cosine_alpha_bar, cosine_betas
 from dvlx.diffusion.flow import euler_integrate, euler_times, interpolate, sample_times, velocity_target
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dyadic(shape, seed: int) -> torch.Tensor:

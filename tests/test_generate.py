@@ -26,13 +26,7 @@ from dvlx.processing import ImageProcessor, build_tiny_tokenizer, generation_pro
 CONFIDENCE_ALGS = ("maskgit_plus", "topk_margin", "entropy")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP spinning when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ GENERATIVE = ("diffusion", "flow_matching")
 INSTRUCTIONS = ["pick up the block", "open the drawer", "put the red bowl on the plate next to the stove"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ NAMES = ("discrete", "discrete_diffusion", "ar")
 INSTRUCTIONS = ["pick up the block", "open the drawer and put the red cup inside the box", "lift"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models are tiny: intra-op threads only fight over the shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
