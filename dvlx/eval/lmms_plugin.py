@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dvlx.diffusion.generate import decode_generated, generate
-from dvlx.eval.vl import GenerationSettings
+from dvlx.diffusion.generate import decode_generated
+from dvlx.eval.vl import GenerationSettings, generate_with
 from dvlx.processing import IMAGE_PLACEHOLDER, ImageProcessor, Tokenizer, generation_prompt
 
 try:
@@ -172,24 +172,7 @@ def answer_requests(
                 attention_mask[row, length - len(ids) :] = 1
             pixels = [p for _, p, _ in prompts if p is not None]
             grids = [g for _, _, g in prompts if g is not None]
-            sequences = generate(
-                model,
-                input_ids,
-                attention_mask,
-                pixel_values=torch.cat(pixels) if pixels else None,
-                image_grid_thw=torch.cat(grids) if grids else None,
-                max_new_tokens=settings.max_new_tokens,
-                steps=settings.steps,
-                alg=settings.alg,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k,
-                alg_temp=settings.alg_temp,
-                schedule=settings.schedule,
-                use_cache=settings.use_cache,
-                attention_mode=settings.attention_mode,
-                generator=generator,
-            )
+            sequences = generate_with(settings, model, input_ids, attention_mask, pixels, grids, generator)
             for i, text in zip(chunk, decode_generated(tokenizer, sequences, length, stops), strict=True):
                 answers[i] = text
     return [text if text is not None else "" for text in answers]

@@ -242,6 +242,36 @@ class GenerationSettings:
     stop_strings: list[str] = field(default_factory=lambda: ["<|im_end|>", "<|endoftext|>"])
 
 
+def generate_with(
+    settings: GenerationSettings,
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixels: Sequence[torch.Tensor],
+    grids: Sequence[torch.Tensor],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`generate` on left-padded prompts with the images of their rows (lists concatenated in row order)."""
+    return generate(
+        model,
+        input_ids,
+        attention_mask,
+        pixel_values=torch.cat(list(pixels)) if pixels else None,
+        image_grid_thw=torch.cat(list(grids)) if grids else None,
+        max_new_tokens=settings.max_new_tokens,
+        steps=settings.steps,
+        alg=settings.alg,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        alg_temp=settings.alg_temp,
+        schedule=settings.schedule,
+        use_cache=settings.use_cache,
+        attention_mode=settings.attention_mode,
+        generator=generator,
+    )
+
+
 def _batches(records: Iterable[VLRecord], size: int) -> Iterator[list[VLRecord]]:
     batch: list[VLRecord] = []
     for record in records:
@@ -277,24 +307,7 @@ def answer_batch(
     for i, row in enumerate(rows):
         input_ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, length - len(row) :] = 1
-    sequences = generate(
-        model,
-        input_ids,
-        attention_mask,
-        pixel_values=torch.cat(pixels) if pixels else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
-        max_new_tokens=settings.max_new_tokens,
-        steps=settings.steps,
-        alg=settings.alg,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        alg_temp=settings.alg_temp,
-        schedule=settings.schedule,
-        use_cache=settings.use_cache,
-        attention_mode=settings.attention_mode,
-        generator=generator,
-    )
+    sequences = generate_with(settings, model, input_ids, attention_mask, pixels, grids, generator)
     return [text.strip() for text in decode_generated(tokenizer, sequences, length, settings.stop_strings)]
 
 
