@@ -148,3 +148,35 @@ def test_tiny_vla_beats_the_mean_action_on_held_out_episodes(tmp_path: Path) -> 
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["val/l1_sampled"] < 0.6 * final["val/l1_mean_baseline"], final
     assert (run_dir / "export" / "objective.safetensors").is_file()
+
+
+def test_instruct_from_a_pretraining_export_trains_resumes_and_generates(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    assert main(args(tmp_path, data_dir, 4)) == 0
+    export = tmp_path / "runs" / "tiny_vl_pretrain" / "default" / "export"
+    instruct = [
+        str(REPO / "experiments" / "tiny_vl_instruct.yaml"),
+        f"output_dir={tmp_path / 'runs'}",
+        f"backbone.pretrained={export}",
+        f"data.synthetic_dir={tmp_path / 'vqa'}",
+        "data.synthetic.num_train=64",
+        "data.synthetic.num_val=8",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        "trainer.val_every_n_steps=4",
+        "trainer.checkpoint_every_n_steps=4",
+        "trainer.progress_bar=false",
+        "stage.generation.num_samples=4",
+    ]
+    assert main([*instruct, "trainer.max_steps=4"]) == 0
+    run_dir = tmp_path / "runs" / "tiny_vl_instruct" / "default"
+    assert main([*instruct, "trainer.max_steps=8", "--resume"]) == 0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 8
+    # Initialised from a pretrained folder, checkpoints hold only what trains (the vision tower's patch
+    # embedding stays frozen) and the rest is rebuilt from that folder on resume.
+    assert "backbone.visual.patch_embed.proj.weight" not in ckpt["state_dict"]
+    rows = read_metrics(run_dir)
+    assert [r for r in rows if r.get("val/gen_exact_match")], "generation accuracy was not logged"
+    assert json.loads((run_dir / "export" / "dvlx.json").read_text())["stage"] == "VLInstruct"
