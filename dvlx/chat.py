@@ -41,13 +41,14 @@ def render_canvas(
     return "".join(pieces)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dvlx.chat", description=__doc__.splitlines()[0])
-    parser.add_argument("question", help="the question; '<image>' marks where images go (default: in front)")
+def add_generation_arguments(parser: argparse.ArgumentParser, length_required: bool = False) -> None:
+    """The model and sampler options shared by `dvlx.chat` and `dvlx.eval vl` (see `sampler_kwargs`)."""
     parser.add_argument("--model", required=True, help="model folder (weights, tokenizer, preprocessor)")
-    parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
-    parser.add_argument("--steps", type=int, default=128, help="denoising steps")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="answer slots")
+    default = None if length_required else 128
+    parser.add_argument("--steps", type=int, default=default, required=length_required,
+                        help="denoising steps")
+    parser.add_argument("--max-new-tokens", type=int, default=default, required=length_required,
+                        help="answer slots")
     parser.add_argument("--alg", default="maskgit_plus", choices=ALGORITHMS)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=None)
@@ -56,9 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedule", default="original", choices=SCHEDULES)
     parser.add_argument("--use-cache", action="store_true", help="prefix KV cache (approximate under full)")
     parser.add_argument("--attention", default=None, choices=ATTENTION_MODES, help="default: the config's")
-    parser.add_argument(
-        "--template", default="qwen_2_5", choices=TEMPLATES, help="plain for a pre-training export"
-    )
     parser.add_argument("--min-pixels", type=int, default=None, help="override the folder's image processor")
     parser.add_argument("--max-pixels", type=int, default=None, help="override the folder's image processor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -69,6 +67,32 @@ def _parser() -> argparse.ArgumentParser:
         help="default: the checkpoint's torch_dtype",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+
+
+def sampler_kwargs(args: argparse.Namespace) -> dict:
+    """`generate` keyword arguments from the options of `add_generation_arguments`."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "steps": args.steps,
+        "alg": args.alg,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "alg_temp": args.alg_temp,
+        "schedule": args.schedule,
+        "use_cache": args.use_cache,
+        "attention_mode": args.attention,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dvlx.chat", description=__doc__.splitlines()[0])
+    parser.add_argument("question", help="the question; '<image>' marks where images go (default: in front)")
+    parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    add_generation_arguments(parser)
+    parser.add_argument(
+        "--template", default="qwen_2_5", choices=TEMPLATES, help="plain for a pre-training export"
+    )
     parser.add_argument("--stream", action="store_true", help="print the canvas after every step")
     parser.add_argument("--mask-char", default="_", help="how --stream shows a masked slot")
     return parser
@@ -158,16 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs["input_ids"],
             pixel_values=inputs["pixel_values"],
             image_grid_thw=inputs["image_grid_thw"],
-            max_new_tokens=args.max_new_tokens,
-            steps=args.steps,
-            alg=args.alg,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            alg_temp=args.alg_temp,
-            schedule=args.schedule,
-            use_cache=args.use_cache,
-            attention_mode=args.attention,
+            **sampler_kwargs(args),
             generator=generator,
             stream=show if args.stream else None,
         )

@@ -30,10 +30,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dvlx.backbone import ATTENTION_MODES, CheckpointError
-from dvlx.chat import load_components
+from dvlx.backbone import CheckpointError
+from dvlx.chat import add_generation_arguments, load_components, sampler_kwargs
 from dvlx.diffusion.generate import decode_generated, generate
-from dvlx.diffusion.sampling import ALGORITHMS, SCHEDULES
 from dvlx.processing import (
     IMAGE_PLACEHOLDER,
     TEMPLATES,
@@ -360,21 +359,11 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dvlx.eval vl", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model folder (weights, tokenizer, preprocessor)")
     parser.add_argument(
         "--data", required=True, help="image-text shard set (dir/glob/pattern) or a .jsonl file"
     )
-    parser.add_argument("--steps", type=int, required=True, help="denoising steps")
-    parser.add_argument("--max-new-tokens", type=int, required=True, help="answer slots")
+    add_generation_arguments(parser, length_required=True)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--alg", default="maskgit_plus", choices=ALGORITHMS)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--alg-temp", type=float, default=None)
-    parser.add_argument("--schedule", default="original", choices=SCHEDULES)
-    parser.add_argument("--use-cache", action="store_true", help="prefix KV cache (approximate under full)")
-    parser.add_argument("--attention", default=None, choices=ATTENTION_MODES, help="default: the config's")
     parser.add_argument("--template", default="qwen_2_5", choices=TEMPLATES)
     parser.add_argument(
         "--format-choices",
@@ -382,11 +371,6 @@ def _parser() -> argparse.ArgumentParser:
         help="append 'A. choice' lines and a letter instruction to questions with choices",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-    parser.add_argument("--min-pixels", type=int, default=None, help="override the folder's image processor")
-    parser.add_argument("--max-pixels", type=int, default=None, help="override the folder's image processor")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval_vl.json", help="JSON report path")
     return parser
 
@@ -414,16 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --batch-size must be >= 1 and --limit >= 0", file=sys.stderr)
         return 2
     settings = GenerationSettings(
-        steps=args.steps,
-        max_new_tokens=args.max_new_tokens,
-        alg=args.alg,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        alg_temp=args.alg_temp,
-        schedule=args.schedule,
-        use_cache=args.use_cache,
-        attention_mode=args.attention,
+        **sampler_kwargs(args),
         template=args.template,
         batch_size=args.batch_size,
         seed=args.seed,
