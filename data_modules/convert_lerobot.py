@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from data_modules.convert import ConversionReport, register_converter
-from data_modules.convert_libero import BadEpisode, Episode, run_episodes
+from data_modules.convert_libero import BadEpisode, Episode, add_writer_arguments, run_episodes
 
 log = logging.getLogger(__name__)
 
@@ -466,9 +466,8 @@ def _default_name(root: str) -> str:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="local LeRobot dataset folder (meta/, data/, videos/)")
-    parser.add_argument("--out", required=True, help="output trajectory shard folder (gets meta.json)")
+    add_writer_arguments(parser)
     parser.add_argument("--cameras", nargs="+", help="image/video feature keys (default: all of them)")
-    parser.add_argument("--max-horizon", type=int, default=16, help="actions stored per step (chunk length)")
     parser.add_argument("--action-key", default="action")
     parser.add_argument("--state-key", default=DEFAULT_STATE_KEY,
                         help="proprio feature (the default is skipped when the dataset lacks it)")
@@ -476,9 +475,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-norm-dims", type=int, nargs="+", default=[],
                         help="action dimensions left out of normalisation, e.g. a gripper")
     parser.add_argument("--dataset-name", help="default: the name of the --root folder")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad episode")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
 
 
 def _run(args: argparse.Namespace) -> int:

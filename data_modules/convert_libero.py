@@ -496,18 +496,23 @@ def convert_libero(
     return report
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hdf5", nargs="+", required=True, help="LIBERO/robomimic HDF5 files (one per task)")
+def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every trajectory converter shares (output folder, chunk length, shard size, error policy)."""
     parser.add_argument("--out", required=True, help="output trajectory shard folder (gets meta.json)")
     parser.add_argument("--max-horizon", type=int, default=16, help="actions stored per step (chunk length)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad episode or file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hdf5", nargs="+", required=True, help="LIBERO/robomimic HDF5 files (one per task)")
+    add_writer_arguments(parser)
     parser.add_argument("--keep-noops", action="store_true", help="keep the no-op steps the reference drops")
     parser.add_argument("--cameras", nargs="+", help="obs keys of the cameras (default: per layout)")
     parser.add_argument("--image-size", type=int, help="resize frames to N x N (default: as stored)")
     parser.add_argument("--dataset-name", help="default: the LIBERO suite folder, else the file name")
     parser.add_argument("--instruction", help="instruction of every episode (robomimic files have none)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad episode or file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
 
 
 def _run(args: argparse.Namespace) -> int:
