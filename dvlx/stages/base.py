@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import torch
 from lightning import LightningModule
 from torch import Tensor
@@ -171,7 +172,7 @@ class DiffusionStage(LightningModule):
         bs = batch["input_ids"].shape[0]
         t = torch.full((bs,), self.cfg.stage.val_t, device=self.device)
         # A fixed generator per batch makes validation masks identical across evaluations.
-        seed = self.cfg.trainer.seed * 100003 + batch_idx
+        seed = int(np.random.SeedSequence([self.cfg.trainer.seed, batch_idx]).generate_state(1)[0])
         generator = torch.Generator(device=self.device).manual_seed(seed)
         result, corruption = self._diffusion_loss(batch, t=t, generator=generator)
         self.log("val/loss", result.loss, prog_bar=True, batch_size=bs, sync_dist=True)
