@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt $(PIP_TORCH_ARGS) torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,sim]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,sim,scale]"
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps robosuite==1.4.1
 	touch $(STAMP)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from lightning import Callback
@@ -16,7 +17,7 @@ class DataFaultMonitor(Callback):
     """Takes `batch["faults"]` (counts per kind since the worker's previous batch) off every batch.
 
     Totals go to TensorBoard as `data/skipped_<kind>` and a one-line summary is logged at the end of every
-    training epoch and of the run.
+    training epoch and of the run; the training totals are kept in checkpoints.
     """
 
     def __init__(self) -> None:
@@ -66,3 +67,11 @@ class DataFaultMonitor(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._report(trainer, pl_module, self.train, "run total training")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training totals, so a resumed run keeps counting from them."""
+        return {"train": self.train.as_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train = FaultTally()
+        self.train.add(state.get("train", {}))

@@ -3,7 +3,7 @@
 Each dataloader worker owns a `FaultCounter`. Every batch it yields carries
 `batch["faults"] = {kind: count since this worker's previous batch}` (plain ints), so the training process
 can add them up across workers and ranks with a `FaultTally`. Bad samples are skipped and counted, never
-silently dropped, and a worker whose stream is mostly broken stops the run with a `RuntimeError`.
+silently dropped, and a worker whose stream is mostly broken stops the run with a `TooManyFaultsError`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ def register_fault_kind(kind: str, *, shard_level: bool = False) -> str:
     if shard_level:
         SHARD_LEVEL_KINDS.add(kind)
     return kind
+
+
+class TooManyFaultsError(RuntimeError):
+    """More than `max_fault_fraction` of a worker's samples were bad; the message names the shard."""
 
 
 class FaultCounter:
@@ -82,13 +86,13 @@ class FaultCounter:
         self._warned[shard] = warned + 1
 
     def check(self, shard: str) -> None:
-        """Raise if the fraction of skipped samples is above `max_fault_fraction`."""
+        """Raise `TooManyFaultsError` if the fraction of skipped samples is above `max_fault_fraction`."""
         if self.num_seen < self.min_samples or self.num_seen == 0:
             return
         fraction = self.num_skipped / self.num_seen
         if fraction > self.max_fault_fraction:
             worst = sorted(self.per_shard.items(), key=lambda kv: -kv[1])[:3]
-            raise RuntimeError(
+            raise TooManyFaultsError(
                 f"too many bad samples: {self.num_skipped} of {self.num_seen} skipped ({fraction:.1%} > "
                 f"max_fault_fraction {self.max_fault_fraction:.1%}) while reading shard {shard}"
                 f"{self._where()}; "

@@ -1,8 +1,9 @@
 """Streaming image-text (conversation) data over WebDataset shards, as a LightningDataModule.
 
 Every worker's stream is a pure function of (seed, epoch, rank, world size, worker, number of workers):
-shard order, the (rank, worker) split, the sample shuffle buffer and the wrap-around are all seeded, so a
-run can be replayed from a count of consumed batches. See docs/data.md for the format and the rules.
+shard order, the (rank, worker) split, the sample shuffle buffer and the wrap-around are all seeded and
+computed from the meta.json sample counts, so a run resumes mid-epoch from the position each training batch
+carries (data_modules/resume.py, docs/reliability.md). See docs/data.md for the format and the rules.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_modules.faults import FaultCounter
+from data_modules.resume import (
+    POSITION_KEY,
+    StreamPositions,
+    StreamResume,
+    TarSampleIndex,
+    reservoir_order,
+    skip_reservoir,
+)
 from data_modules.shards import (
     TruncatedShardError,
     iter_shard_samples,
@@ -35,6 +44,8 @@ from dvlx.processing import IGNORE_INDEX, IMAGE_PLACEHOLDER, ImageProcessor, Tok
 _SHARD_ORDER_TAG = 0
 _SHUFFLE_TAG = 1
 _GROUPING_TAG = 2
+# Tar indexes kept per worker for random access on resume.
+_INDEX_CACHE_SIZE = 64
 
 
 def collate_image_text(
@@ -110,10 +121,13 @@ class ImageTextStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         length_grouping: int = 0,
+        counts: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not shards:
             raise ValueError("ImageTextStream needs at least one shard")
+        if counts is not None and len(counts) != len(shards):
+            raise ValueError(f"counts must hold one sample count per shard: {len(counts)} for {len(shards)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if train and (num_batches is None or num_batches < 0):
@@ -139,10 +153,9 @@ class ImageTextStream(IterableDataset):
         self.world_size = world_size
         self.length_grouping = length_grouping if train else 0
         self.epoch = 0
-        # Position of the stream this copy is producing (inside a worker): samples taken from the shards
-        # that this (rank, worker) owns, and batches yielded, since the start of the epoch.
-        self.consumed = 0
-        self.batches_yielded = 0
+        self.counts = [int(n) for n in counts] if counts is not None else None
+        self.resume: StreamResume | None = None
+        self._indexes: dict[int, TarSampleIndex] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -171,72 +184,231 @@ class ImageTextStream(IterableDataset):
         return self.iter_worker(worker, num_workers)
 
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        """The batches of one (rank, worker) slot for the current epoch."""
+        """The batches of one (rank, worker) slot for the current epoch.
+
+        In training every batch carries `batch[POSITION_KEY]`, the slot's position after it; with `resume` set
+        (by the loader, from a checkpoint) worker `worker` continues the stream of the logical worker
+        `resume.start` names from its position.
+        """
+        if not self.train:
+            return self._val_batches(worker, num_workers)
+        logical, token = self.resume.start(worker, num_workers) if self.resume else (worker, {})
+        return self._train_batches(logical, num_workers, token)
+
+    def _train_batches(self, worker: int, num_workers: int, token: Mapping[str, Any]) -> Iterator[dict]:
         slots = self.world_size * num_workers
         slot = self.rank * num_workers + worker
         counter = FaultCounter(
             self.max_fault_fraction, self.fault_min_samples, where=f"rank {self.rank} worker {worker}"
         )
-        self.consumed = 0
-        self.batches_yielded = 0
         quota = self.worker_num_batches(worker, num_workers)
-        if quota == 0:
+        done = int(token.get("batches", 0))
+        if done >= quota:
             return
+        position = int(token.get("position", 0))
+        skip = int(token.get("skip", 0))
+        samples = self._train_samples(slot, slots, counter, position)
+        group_size = self.batch_size * max(1, self.length_grouping)
+        while True:
+            # A group is a pure function of where it starts, so a resumed worker rebuilds a partly consumed
+            # group from its first sample and drops the batches already trained on.
+            start = position
+            group: list[dict[str, Any]] = []
+            while len(group) < group_size:
+                sample = next(samples)
+                position += 1
+                encoded = self._encode_counted(sample, counter)
+                if encoded is not None:
+                    group.append(encoded)
+            rng = np.random.default_rng([self.seed, self.epoch, _GROUPING_TAG, slot, slots, start])
+            batches = _arrange_group(group, self.batch_size, self.length_grouping, rng)
+            for i, items in enumerate(batches[skip:], start=skip):
+                done += 1
+                last = i == len(batches) - 1
+                batch = collate_image_text(items, self.tokenizer.pad_token_id, counter.take())
+                batch[POSITION_KEY] = {
+                    "epoch": self.epoch,
+                    "slot": worker,
+                    "batches": done,
+                    "position": position if last else start,
+                    "skip": 0 if last else i + 1,
+                }
+                yield batch
+                if done >= quota:
+                    return
+            skip = 0
+
+    def _val_batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        counter = FaultCounter(
+            self.max_fault_fraction, self.fault_min_samples, where=f"rank {self.rank} worker {worker}"
+        )
+        encoded = (self._encode_counted(s, counter) for s in self._owned_samples(slot, slots, counter))
         batches = _group_by_length(
-            self._encoded(slot, slots, counter),
-            self.batch_size,
-            self.length_grouping,
-            np.random.default_rng([self.seed, self.epoch, _GROUPING_TAG, slot, slots]),
+            (e for e in encoded if e is not None), self.batch_size, 0, np.random.default_rng(0)
         )
         for batch in batches:
             yield collate_image_text(batch, self.tokenizer.pad_token_id, counter.take())
-            self.batches_yielded += 1
-            if quota is not None and self.batches_yielded >= quota:
-                return
 
-    def _encoded(self, slot: int, slots: int, counter: FaultCounter) -> Iterator[dict[str, Any]]:
-        """Encoded samples of this slot; bad ones are counted and skipped."""
-        for sample in self._owned_samples(slot, slots, counter):
-            self.consumed += 1
-            counter.seen()
-            try:
-                encoded = self.encode(sample)
-            except _Skip as skip:
-                counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
-                encoded = None
-            counter.check(sample["__shard__"])
-            if encoded is not None:
-                yield encoded
+    def _encode_counted(self, sample: Mapping[str, Any] | None, counter: FaultCounter) -> dict | None:
+        """`encode(sample)`, or None for a missing sample and for a bad one (counted and logged)."""
+        if sample is None:
+            return None
+        counter.seen()
+        try:
+            encoded = self.encode(sample)
+        except _Skip as skip:
+            counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
+            encoded = None
+        counter.check(sample["__shard__"])
+        return encoded
 
-    def _owned_samples(self, slot: int, slots: int, counter: FaultCounter) -> Iterator[dict[str, Any]]:
-        """Raw samples of this slot; for training shuffled and repeated pass after pass.
+    def _accept(self, sample: Mapping[str, Any]) -> bool:
+        """Whether a raw sample belongs to this stream (subclasses hold out some)."""
+        return True
+
+    def _owned_samples(
+        self, slot: int, slots: int, counter: FaultCounter, start: int = 0
+    ) -> Iterator[dict[str, Any] | None]:
+        """Raw samples of this slot: for training `_train_samples` (from position `start`), otherwise one pass
+        over its shards in order."""
+        if self.train:
+            return self._train_samples(slot, slots, counter, start)
+        order = self.shard_order(self.epoch)
+        by_shard = len(order) >= slots
+        return self._one_pass(order[slot::slots] if by_shard else order, slot, slots, by_shard, counter)
+
+    def slot_references(self, slot: int, slots: int) -> np.ndarray:
+        """One training pass of a slot as references Long[n, 2]: (shard index, sample ordinal in the shard).
 
         With at least as many shards as slots, slot s reads shards s, s + slots, ... of the epoch's order.
-        Otherwise every slot reads all shards and keeps the samples whose running index (over the whole
-        pass, bad samples included) modulo the number of slots is s. Either way the slots are disjoint.
-        The shuffle buffer drains at the end of each pass, so a slot sees all of its samples once before any
-        of them again.
+        Otherwise every slot reads all shards and keeps the samples whose running index (over the pass, from
+        the meta.json counts) modulo the number of slots is s. Either way the slots are disjoint.
         """
+        counts = self.sample_counts()
         order = self.shard_order(self.epoch)
         by_shard = len(order) >= slots
         mine = order[slot::slots] if by_shard else order
+        refs = [np.stack([np.full(counts[i], i), np.arange(counts[i])], 1) for i in mine]
+        refs = np.concatenate(refs) if refs else np.zeros((0, 2), dtype=np.int64)
+        return refs if by_shard else refs[slot::slots]
+
+    def sample_counts(self) -> list[int]:
+        if self.counts is None:
+            counts = shard_sample_counts(self.shards)
+            missing = [path for path, n in zip(self.shards, counts, strict=True) if n is None]
+            if missing:
+                raise ValueError(
+                    f"shard {missing[0]} has no entry in a meta.json next to it; training streams need the "
+                    "sample counts of every shard"
+                )
+            self.counts = [int(n) for n in counts if n is not None]
+        return self.counts
+
+    def _train_samples(
+        self, slot: int, slots: int, counter: FaultCounter, start: int = 0
+    ) -> Iterator[dict[str, Any] | None]:
+        """The slot's raw samples from position `start` on, pass after pass, shuffled; one item per reference
+        (None where the shard lacks the sample or it belongs to another split).
+
+        The shuffle buffer drains at the end of each pass, so a slot sees all of its samples once before any
+        of them again.
+        """
+        refs = self.slot_references(slot, slots)
+        if len(refs) == 0:
+            raise RuntimeError(f"rank {self.rank} slot {slot}: its shards hold no samples for its batches")
         rng = np.random.default_rng([self.seed, self.epoch, _SHUFFLE_TAG, slot, slots])
+        size = self.shuffle_buffer if self.shuffle_buffer > 1 else 0
+        passes, offset = divmod(start, len(refs))
+        for _ in range(passes):
+            skip_reservoir(len(refs), size, rng)
+        order = self.shard_order(self.epoch)
+        # A truncated shard read by several slots (sharing mode) is counted by one of them.
+        counted = set(order) if len(order) >= slots else {s for p, s in enumerate(order) if p % slots == slot}
         while True:
-            one_pass = self._one_pass(mine, slot, slots, by_shard, counter)
-            if self.train and self.shuffle_buffer > 1:
-                one_pass = _shuffle(one_pass, self.shuffle_buffer, rng)
-            taken = 0
-            for sample in one_pass:
-                taken += 1
+            order = reservoir_order(len(refs), size, rng)
+            useful = 0
+            for sample in self._pass_items(refs, order, offset, counter, counted):
+                useful += sample is not None
                 yield sample
-            if not self.train:
-                return
-            if taken == 0:
-                names = [self.shards[i] for i in mine]
+            if useful == 0 and offset == 0:
+                names = sorted({self.shards[int(i)] for i in refs[:, 0]})
                 raise RuntimeError(
                     f"rank {self.rank} slot {slot}: no readable samples in its shards {names[:5]}"
                     f"{' ...' if len(names) > 5 else ''}; cannot fill its batches"
                 )
+            offset = 0
+
+    def _pass_items(
+        self, refs: np.ndarray, order: np.ndarray, start: int, counter: FaultCounter, counted: set[int]
+    ) -> Iterator[dict[str, Any] | None]:
+        """Samples of `refs` in `order` from output `start` on, reading the references in sequence.
+
+        The original reading had reached max(order[:start]) + 1 references; the ones below that still to be
+        emitted are read by random access, everything else in sequence, so nothing before is read again.
+        """
+        frontier = int(order[:start].max()) + 1 if start else 0
+        # Samples read but not yet emitted (the shuffle buffer); another split's samples are held as None.
+        held: dict[int, dict[str, Any] | None] = {}
+        early = [int(r) for r in order[start:] if r < frontier]
+        for shard in sorted({int(refs[r, 0]) for r in early}):
+            mine = [r for r in early if refs[r, 0] == shard]
+            for r, sample in zip(mine, self._index(shard).read(int(refs[r, 1]) for r in mine), strict=True):
+                held[r] = sample if sample is not None and self._accept(sample) else None
+        sequence = self._read_sequence(refs, frontier, counter, counted)
+        for r in order[start:]:
+            r = int(r)
+            while r not in held:
+                index, sample = next(sequence)
+                held[index] = sample if sample is not None and self._accept(sample) else None
+            yield held.pop(r)
+
+    def _read_sequence(
+        self, refs: np.ndarray, start: int, counter: FaultCounter, counted: set[int]
+    ) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """(reference index, sample or None) for references start, start + 1, ... of one pass."""
+        i = start
+        while i < len(refs):
+            shard = int(refs[i, 0])
+            j = i
+            while j < len(refs) and refs[j, 0] == shard:
+                j += 1
+            ordinals = [int(k) for k in refs[i:j, 1]]
+            if i == start and i > 0 and refs[i - 1, 0] == shard:
+                samples = self._index(shard).read(ordinals)
+            else:
+                samples = self._read_shard(shard, ordinals, counter, shard in counted)
+            yield from zip(range(i, j), samples, strict=True)
+            i = j
+
+    def _read_shard(
+        self, shard: int, ordinals: list[int], counter: FaultCounter, count_truncation: bool
+    ) -> Iterator[dict[str, Any] | None]:
+        """The samples at `ordinals` (ascending) of one shard, read in one streaming pass; None for each one
+        the shard lacks (a truncated tar, counted once per pass by the slot that owns the shard)."""
+        path = self.shards[shard]
+        wanted = iter(ordinals)
+        target = next(wanted, None)
+        try:
+            for ordinal, sample in enumerate(iter_shard_samples(path)):
+                if ordinal == target:
+                    yield sample
+                    target = next(wanted, None)
+        except TruncatedShardError as error:
+            if count_truncation:
+                counter.record("truncated_tar", path, None, error.reason)
+        while target is not None:
+            yield None
+            target = next(wanted, None)
+
+    def _index(self, shard: int) -> TarSampleIndex:
+        index = self._indexes.get(shard)
+        if index is None:
+            if len(self._indexes) >= _INDEX_CACHE_SIZE:
+                self._indexes.clear()
+            index = self._indexes[shard] = TarSampleIndex(self.shards[shard])
+        return index
 
     def _one_pass(
         self, mine: list[int], slot: int, slots: int, by_shard: bool, counter: FaultCounter
@@ -246,7 +418,7 @@ class ImageTextStream(IterableDataset):
             path = self.shards[index]
             try:
                 for sample in iter_shard_samples(path):
-                    if by_shard or running % slots == slot:
+                    if (by_shard or running % slots == slot) and self._accept(sample):
                         yield sample
                     running += 1
             except TruncatedShardError as error:
@@ -310,75 +482,99 @@ class ImageTextStream(IterableDataset):
         }
 
 
+def _arrange_group(
+    items: list[dict[str, Any]], batch_size: int, grouping: int, rng: np.random.Generator
+) -> list[list[dict[str, Any]]]:
+    """Cut one group of samples into batches of `batch_size` (the last may be partial).
+
+    With `grouping` > 1 the samples are first sorted by token count (image tokens included, since they are
+    expanded in `input_ids`) and the full batches come in a random order from `rng`, so padding shrinks while
+    batch lengths stay mixed over time.
+    """
+    if grouping > 1:
+        items = sorted(items, key=lambda s: len(s["input_ids"]))
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    if grouping > 1:
+        full = [c for c in chunks if len(c) == batch_size]
+        partial = [c for c in chunks if len(c) < batch_size]
+        chunks = [full[int(i)] for i in rng.permutation(len(full))] + partial
+    return chunks
+
+
 def _group_by_length(
     samples: Iterator[dict[str, Any]], batch_size: int, grouping: int, rng: np.random.Generator
 ) -> Iterator[list[dict[str, Any]]]:
-    """Batches of `batch_size` samples; the last one may be partial.
-
-    With `grouping` > 1, `grouping` batches' worth of samples are gathered, sorted by token count (image
-    tokens included, since they are expanded in `input_ids`), cut into batches of neighbours, and yielded in a
-    seeded random order, so padding shrinks while batch lengths stay mixed over time.
-    """
+    """Batches of `batch_size` samples from groups of `batch_size * grouping` (`_arrange_group`); the last
+    batch may be partial."""
     group = batch_size * max(1, grouping)
     pending: list[dict[str, Any]] = []
-
-    def flush(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        if grouping > 1:
-            items = sorted(items, key=lambda s: len(s["input_ids"]))
-        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        if grouping > 1:
-            full = [c for c in chunks if len(c) == batch_size]
-            partial = [c for c in chunks if len(c) < batch_size]
-            chunks = [full[int(i)] for i in rng.permutation(len(full))] + partial
-        return chunks
-
     for sample in samples:
         pending.append(sample)
         if len(pending) == group:
-            yield from flush(pending)
+            yield from _arrange_group(pending, batch_size, grouping, rng)
             pending = []
     if pending:
-        yield from flush(pending)
-
-
-def _shuffle(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Seeded shuffle buffer: once `size` items are held, each new item replaces a random held one."""
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(size))
-        yield buffer[j]
-        buffer[j] = item
-    for j in rng.permutation(len(buffer)):
-        yield buffer[int(j)]
+        yield from _arrange_group(pending, batch_size, grouping, rng)
 
 
 class EpochDataLoader(DataLoader):
-    """DataLoader that hands the current epoch to its dataset each time iteration starts.
+    """DataLoader that hands the current epoch (and, after a resume, each worker's start) to its dataset
+    each time iteration starts.
 
     Lightning only calls `set_epoch` on samplers, and an IterableDataset has none of its own, so the epoch
     is read from `epoch_fn` right before workers are started (they receive the dataset then). Workers must
-    not be persistent, or they would keep the first epoch's copy.
+    not be persistent, or they would keep the first epoch's copy. `state_dict`/`load_state_dict` are the
+    data position that Lightning stores with the training loop (`positions`, see data_modules.resume).
     """
 
-    def __init__(self, dataset: ImageTextStream, epoch_fn: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: ImageTextStream,
+        epoch_fn: Callable[[], int],
+        positions: StreamPositions | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch_fn = epoch_fn
+        self.positions = positions
+
+    def _layout(self) -> tuple[int, int, int]:
+        return self.dataset.rank, self.dataset.world_size, max(1, self.num_workers)
 
     def __iter__(self):
-        self.dataset.set_epoch(self.epoch_fn())
+        epoch = self.epoch_fn()
+        resume = self.positions.resume(epoch, *self._layout()) if self.positions else None
+        if resume is not None and resume.batches >= len(self.dataset):
+            # Saved on the epoch's last batch: Lightning restores the finished epoch's number before this
+            # iterator is made and trains the next epoch with it.
+            epoch, resume = epoch + 1, None
+        self.dataset.set_epoch(epoch)
+        self.dataset.resume = resume
         return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.positions.state_dict(*self._layout()) if self.positions else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.positions is not None:
+            self.positions.load_state_dict(state)
 
 
 class StreamingDataModule(LightningDataModule):
-    """Rank, world size and epoch for the streaming DataModules (`rank_override`/`world_size_override` are
-    set by the subclass from its `rank`/`world_size` arguments, for tests)."""
+    """Rank, world size, epoch and data position for the streaming DataModules (`rank_override`/
+    `world_size_override` are set by the subclass from its `rank`/`world_size` arguments, for tests).
+
+    Every training batch that reaches a training step passes `on_before_batch_transfer`, which takes its
+    position off (`POSITION_KEY`) into `positions`; the train loader saves them with the checkpoint.
+    """
 
     rank_override: int | None = None
     world_size_override: int | None = None
     epoch: int = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = StreamPositions(self._loop_batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch used when no trainer is attached (a trainer's `current_epoch` wins)."""
@@ -396,6 +592,19 @@ class StreamingDataModule(LightningDataModule):
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict):
+            position = batch.pop(POSITION_KEY, None)
+            if position is not None and self.trainer is not None and self.trainer.training:
+                self.positions.record(position)
+        return batch
+
+    def _loop_batches(self) -> int | None:
+        """Batches of the current epoch that the trainer's loop has consumed (its restored count)."""
+        if self.trainer is None:
+            return None
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
 
 class ImageTextDataModule(StreamingDataModule):
@@ -459,6 +668,7 @@ class ImageTextDataModule(StreamingDataModule):
         self.epoch = 0
         self.train_shards: list[str] = []
         self.val_shards: list[str] = []
+        self.train_counts: list[int] = []
         self.num_train_samples = 0
 
     def prepare_data(self) -> None:
@@ -474,7 +684,8 @@ class ImageTextDataModule(StreamingDataModule):
                 f"shard {missing[0]} has no entry in a meta.json next to it; training needs the sample "
                 "counts of every shard to give all ranks the same number of batches"
             )
-        self.num_train_samples = sum(n for n in counts if n is not None)
+        self.train_counts = [int(n) for n in counts if n is not None]
+        self.num_train_samples = sum(self.train_counts)
         self.val_shards = list_shards(self.val_spec) if self.val_spec is not None else []
 
     def num_batches(self, world_size: int | None = None) -> int:
@@ -510,13 +721,17 @@ class ImageTextDataModule(StreamingDataModule):
             rank=rank,
             world_size=world,
             length_grouping=self.length_grouping,
+            counts=self.train_counts if train else None,
         )
 
     def train_dataloader(self) -> EpochDataLoader:
         if not self.train_shards:
             self.setup("fit")
         return EpochDataLoader(
-            self._stream(self.train_shards, True), self.current_epoch, num_workers=self.num_workers
+            self._stream(self.train_shards, True),
+            self.current_epoch,
+            self.positions,
+            num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader | list:

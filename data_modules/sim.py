@@ -362,3 +362,66 @@ class ScriptedLiftExpert:
         action[:3] = np.clip((target - eef) / scale, -1.0, 1.0)
         action[6] = 1.0 if self.phase in ("close", "lift") else -1.0
         return action.astype(np.float32)
+
+
+# robosuite's Lift._check_success: the cube centre this far above the table top (m).
+LIFT_SUCCESS_HEIGHT = 0.04
+
+
+def lifted_colors(env) -> list[str]:
+    """The colours of `ColorCubeLift` cubes that are lifted by Lift's success criterion."""
+    table = float(env.model.mujoco_arena.table_offset[2])
+    return [color for color, body in env.cube_body_ids.items()
+            if env.sim.data.body_xpos[body][2] > table + LIFT_SUCCESS_HEIGHT]
+
+
+def other_color(env) -> str:
+    """The first colour of a `ColorCubeLift` that is not the episode's target."""
+    return next(color for color in env.colors if color != env.target_color)
+
+
+class SimEpisodeEnv:
+    """Closed-loop episodes of one task: `start(index)` -> first observation, `step(action)` ->
+    (observation, success). Episode `index` starts from `reset(env, seed=seed, index=index)`.
+
+    `camera_map` maps the policy's camera names to this module's cameras. With `swap_instruction`
+    (`robosuite-lift-color` only) the policy is told to lift the other cube while success still means lifting
+    the episode's target: a policy that follows the instruction then fails.
+    """
+
+    def __init__(self, name: str, *, seed: int, image_size: int, camera_map: dict[str, str],
+                 swap_instruction: bool = False) -> None:
+        if swap_instruction and name != "robosuite-lift-color":
+            raise ValueError(f"{name} has a single instruction: there is none to swap it with")
+        self.seed = seed
+        self.camera_map = dict(camera_map)
+        self.swap_instruction = swap_instruction
+        self.env = make_env(name, seed=seed, image_size=image_size, cameras=sorted(set(camera_map.values())))
+
+    def _policy_observation(self, obs: dict[str, Any]) -> dict[str, Any]:
+        instruction = obs["instruction"]
+        if self.swap_instruction:
+            instruction = color_instruction(other_color(self.env))
+        return {
+            "images": {name: obs["images"][camera] for name, camera in self.camera_map.items()},
+            "proprio": obs["proprio"],
+            "instruction": instruction,
+        }
+
+    def start(self, index: int) -> dict[str, Any]:
+        return self._policy_observation(reset(self.env, seed=self.seed, index=index))
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool]:
+        return self._policy_observation(step(self.env, action)), success(self.env)
+
+    def info(self) -> dict[str, Any]:
+        """Per-episode facts for reports (`robosuite-lift-color`): the target cube, the cube the policy was
+        told to lift and the cubes lifted."""
+        if not isinstance(self.env, ColorCubeLift):
+            return {}
+        named = other_color(self.env) if self.swap_instruction else self.env.target_color
+        return {"target_color": self.env.target_color, "named_color": named,
+                "lifted_colors": lifted_colors(self.env)}
+
+    def close(self) -> None:
+        self.env.close()

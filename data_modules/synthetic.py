@@ -15,16 +15,25 @@ Every sample is a pure function of (seed, split, index); its JSON also records t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_modules.shards import ShardWriter, meta_is_complete, read_meta, write_image_text_sample
+from data_modules.shards import (
+    ShardWriter,
+    iter_shard_samples,
+    list_shards,
+    meta_is_complete,
+    read_meta,
+    write_image_text_sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +73,9 @@ def draw_scene(
     centres = []
     for colour, shape, position in objects:
         row, col = position.split()
-        # Radius and jitter scale with the image so the shape stays inside its quadrant at any size.
-        radius = int(rng.integers(max(2, image_size // 10), max(3, image_size // 6) + 1))
+        # Radius and jitter scale with the image so the shape stays inside its quadrant at any size; a shape
+        # spans two to three 14-pixel patches at 112 pixels, enough for a small vision tower to tell it.
+        radius = int(rng.integers(max(2, image_size // 7), max(3, image_size // 5) + 1))
         jitter = max(0, half // 2 - radius - 1)
         cx = (half if col == "right" else 0) + half // 2 + int(rng.integers(-jitter, jitter + 1))
         cy = (half if row == "bottom" else 0) + half // 2 + int(rng.integers(-jitter, jitter + 1))
@@ -73,7 +83,8 @@ def draw_scene(
         if shape == "circle":
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
         elif shape == "square":
-            side = int(radius * 0.85)
+            # As wide as the circle: the two differ only in their corners.
+            side = radius
             draw.rectangle((cx - side, cy - side, cx + side, cy + side), fill=fill)
         else:
             corners = [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)]
@@ -108,30 +119,65 @@ def caption_sample(seed: int, split: str, index: int, image_size: int) -> tuple[
     return image, record
 
 
-def vqa_sample(seed: int, split: str, index: int, image_size: int) -> tuple[Image.Image, dict[str, Any]]:
-    """The image and JSON record of VQA sample `index` of `split`: two question/answer turns."""
+QUESTION_TYPES = ("count", "colour", "shape", "position")
+
+
+def question_type(question: str) -> str:
+    """The type (one of QUESTION_TYPES) of a question written by `vqa_sample`; `other` for anything else."""
+    question = question.removeprefix("<image>\n")
+    prefixes = {"How many ": "count", "What colour ": "colour", "What shape ": "shape",
+                "Where is ": "position"}
+    return next((kind for prefix, kind in prefixes.items() if question.startswith(prefix)), "other")
+
+
+def _question(kind: str, objects: Sequence[SceneObject], target: SceneObject) -> tuple[str, str]:
+    colour, shape, position = target
+    if kind == "count":
+        return "How many shapes are there?", COUNT_WORDS[len(objects)]
+    if kind == "colour":
+        return f"What colour is the shape at the {position}?", colour
+    # Nouns keep their article: the content word then follows a space, as in the captions, and is the same
+    # token the caption pre-training grounded (the tiny tokenizer has other tokens for line-initial words).
+    # Exact match drops articles, so "circle" still matches "a circle".
+    if kind == "shape":
+        return f"What shape is at the {position}?", f"a {shape}"
+    return f"Where is the {colour} {shape}?", f"the {position}"
+
+
+def vqa_sample(
+    seed: int, split: str, index: int, image_size: int, blank: bool = False
+) -> tuple[Image.Image, dict[str, Any]]:
+    """The image and JSON record of VQA sample `index` of `split`: two question/answer turns.
+
+    One to three shapes with distinct (colour, shape) pairs sit in distinct quadrants. The second (graded)
+    question's type is drawn uniformly from QUESTION_TYPES and its object uniformly from the scene. The first
+    turn gives nothing away about the second answer: it asks for the count, or for the colour of a random
+    shape when the second question asks for the count. So an image-blind model can do no better than the
+    most frequent answer of each question type. `blank=True` keeps the conversation and replaces the image
+    by a uniform grey one (the text-only control).
+    """
     rng = np.random.default_rng([seed, _SPLIT_TAGS[split] + 2, index])
     count = int(rng.integers(1, 4))
     positions = [POSITIONS[int(i)] for i in sorted(rng.choice(len(POSITIONS), size=count, replace=False))]
-    objects = [_random_object(rng, position) for position in positions]
+    pairs = rng.choice(len(COLOURS) * len(SHAPES), size=count, replace=False)
+    objects = [(list(COLOURS)[int(p) // len(SHAPES)], SHAPES[int(p) % len(SHAPES)], position)
+               for p, position in zip(pairs, positions, strict=True)]
     image, centres = draw_scene(rng, image_size, objects)
-    unique = [o for o in objects if sum(p[:2] == o[:2] for p in objects) == 1]
-    questions: list[Callable[[], tuple[str, str]]] = [
-        lambda: ("How many shapes are there?", COUNT_WORDS[count]),
-    ]
-    for colour, shape, position in objects:
-        questions.append(lambda c=colour, p=position: (f"What colour is the shape at the {p}?", c))
-        questions.append(lambda s=shape, p=position: (f"What shape is at the {p}?", s))
-    for colour, shape, position in unique:
-        questions.append(lambda c=colour, s=shape, p=position: (f"Where is the {c} {s}?", p))
+    kind = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+    asked = _question(kind, objects, objects[int(rng.integers(count))])
+    other = objects[int(rng.integers(count))]
+    first = _question("colour", objects, other) if kind == "count" else _question("count", objects, other)
+    if blank:
+        image = Image.new("RGB", image.size, (90, 90, 90))
     conversations = []
-    for turn, pick in enumerate(rng.choice(len(questions), size=2, replace=False)):
-        question, answer = questions[int(pick)]()
+    for turn, (question, answer) in enumerate((first, asked)):
         prefix = "<image>\n" if turn == 0 else ""
         conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
     record = {
         "id": f"vqa-{split}-{index:08d}",
         "conversations": conversations,
+        "question_type": kind,
+        "blank": blank,
         "objects": [
             {"colour": c, "shape": s, "position": p, "center": list(centre)}
             for (c, s, p), centre in zip(objects, centres, strict=True)
@@ -140,9 +186,17 @@ def vqa_sample(seed: int, split: str, index: int, image_size: int) -> tuple[Imag
     return image, record
 
 
+def vqa_blank_sample(
+    seed: int, split: str, index: int, image_size: int
+) -> tuple[Image.Image, dict[str, Any]]:
+    """`vqa_sample` with the same conversation and a uniform grey image."""
+    return vqa_sample(seed, split, index, image_size, blank=True)
+
+
 _SAMPLERS: dict[str, Callable[[int, str, int, int], tuple[Image.Image, dict[str, Any]]]] = {
     "captions": caption_sample,
     "vqa": vqa_sample,
+    "vqa-blank": vqa_blank_sample,
 }
 
 
@@ -218,6 +272,74 @@ def generate_vqa(
     return _generate("vqa", out_dir, num_train, num_val, image_size, seed, samples_per_shard, image_format)
 
 
+def generate_vqa_blank(
+    out_dir: str | os.PathLike,
+    num_train: int = 2000,
+    num_val: int = 200,
+    image_size: int = 112,
+    seed: int = 0,
+    samples_per_shard: int = 500,
+    image_format: str = "png",
+) -> dict[str, Any]:
+    """Like `generate_vqa` (the same conversations for the same seed), every image a uniform grey."""
+    return _generate("vqa-blank", out_dir, num_train, num_val, image_size, seed, samples_per_shard,
+                     image_format)
+
+
+def graded_answers(spec: str | os.PathLike) -> list[tuple[str, str]]:
+    """(question, answer) of the last turn of every sample of a shard set."""
+    pairs = []
+    for shard in list_shards(spec):
+        for sample in iter_shard_samples(shard):
+            if "json" not in sample:
+                raise ValueError(f"{shard}: sample {sample.get('__key__')!r} has no json record")
+            turns = json.loads(sample["json"])["conversations"]
+            pairs.append((turns[-2]["value"], turns[-1]["value"]))
+    return pairs
+
+
+def score_by_question_type(report: dict[str, Any], train: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Exact match of a `python -m dvlx.eval vl` report per question type, next to chance.
+
+    chance: the accuracy of always giving the most frequent training answer of the question's type (the
+    best an image-blind model can do on `vqa` data); `uniform`: one over the number of answers of the type.
+    Rows: each type in the report, then `all`.
+    """
+    answers: dict[str, Counter] = {}
+    for question, answer in graded_answers(train):
+        answers.setdefault(question_type(question), Counter())[answer.strip().lower()] += 1
+    rows: dict[str, dict[str, Any]] = {}
+    for sample in report["samples"]:
+        kind = question_type(sample["question"])
+        counts = answers.get(kind, Counter())
+        majority = counts.most_common(1)[0][0] if counts else ""
+        row = rows.setdefault(kind, {"n": 0, "exact_match": 0, "chance": 0, "majority_answer": majority,
+                                     "uniform": 1 / len(counts) if counts else 0.0})
+        row["n"] += 1
+        row["exact_match"] += bool(sample["exact_match"])
+        row["chance"] += sample["answer"].strip().lower() == majority
+    total = {"n": sum(r["n"] for r in rows.values()), "majority_answer": "-"}
+    for key in ("exact_match", "chance"):
+        total[key] = sum(r[key] for r in rows.values())
+    total["uniform"] = sum(r["uniform"] * r["n"] for r in rows.values()) / max(1, total["n"])
+    rows = {kind: rows[kind] for kind in sorted(rows)}
+    rows["all"] = total
+    for row in rows.values():
+        for key in ("exact_match", "chance"):
+            row[key] = row[key] / max(1, row["n"])
+    return rows
+
+
+def format_scores(rows: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of `score_by_question_type`."""
+    lines = ["| question type | n | exact match | chance (majority answer) | uniform |",
+             "|---|---|---|---|---|"]
+    for kind, row in rows.items():
+        lines.append(f"| {kind} | {row['n']} | {row['exact_match']:.3f} | {row['chance']:.3f} "
+                     f"({row['majority_answer']}) | {row['uniform']:.3f} |")
+    return "\n".join(lines)
+
+
 def _generator_of(directory: str) -> str | None:
     try:
         return read_meta(directory).get("generator")
@@ -235,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="Generate small synthetic image-text shard sets.")
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"captions": "one shape per image, captioned with its colour, shape and quadrant",
-             "vqa": "one to three shapes per image, two short questions and answers"}
+             "vqa": "one to three shapes per image, two short questions and answers",
+             "vqa-blank": "the vqa conversations with uniform grey images (text-only control)"}
     for kind, help_text in helps.items():
         command = sub.add_parser(kind, help=help_text, description=help_text)
         command.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
@@ -245,8 +368,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
         command.add_argument("--samples-per-shard", type=int, default=500)
         command.add_argument("--format", choices=("png", "jpeg"), default="png", help="image encoding")
+    score = sub.add_parser("score", help="exact match of a dvlx.eval vl report per question type and chance",
+                           description=score_by_question_type.__doc__.splitlines()[0])
+    score.add_argument("report", help="JSON report of python -m dvlx.eval vl on vqa data")
+    score.add_argument("--train", required=True, help="the training shards (for the majority answers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "score":
+        try:
+            with open(args.report, encoding="utf-8") as f:
+                report = json.load(f)
+            rows = score_by_question_type(report, args.train)
+        except (OSError, ValueError, KeyError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(format_scores(rows))
+        return 0
     result = _generate(args.command, args.out, args.train, args.val, args.image_size, args.seed,
                        args.samples_per_shard, args.format)
     state = "already complete" if result["cached"] else "written"

@@ -31,6 +31,7 @@ from data_modules.image_text import (
     _Skip,
     collate_image_text,
 )
+from data_modules.resume import POSITION_KEY
 from data_modules.shards import ShardWriter, encode_image, list_shards, meta_is_complete, read_meta
 from data_modules.stats import DEFAULT_MAX_EXACT_ROWS, StatsAccumulator
 from dvlx.processing import DEFAULT_SYSTEM_PROMPT, ImageProcessor, Tokenizer
@@ -77,6 +78,8 @@ _META_KEYS = (
 # Tags that keep the seeded random streams of different purposes apart (ImageTextStream uses small ones).
 _MIX_TAG = 10
 _AUG_TAG = 11
+# Dataset draws of the mixture are made this many at a time.
+_MIX_CHUNK = 1024
 _PROMPT_CACHE_SIZE = 4096
 
 
@@ -509,6 +512,7 @@ class _EpisodeReader(ImageTextStream):
         world_size: int,
         tokenizer: Tokenizer,
         image_processor: ImageProcessor,
+        counts: Sequence[int] | None = None,
     ) -> None:
         super().__init__(
             shards,
@@ -522,15 +526,14 @@ class _EpisodeReader(ImageTextStream):
             shuffle_buffer=shuffle_buffer,
             rank=rank,
             world_size=world_size,
+            counts=counts,
         )
         self.episodes = episodes
 
-    def _one_pass(self, mine, slot, slots, by_shard, counter):
-        for sample in super()._one_pass(mine, slot, slots, by_shard, counter):
-            parsed = parse_step_key(sample["__key__"])
-            # A foreign key belongs to no split; the training stream alone reports it.
-            if (parsed[0] in self.episodes) if parsed is not None else self.train:
-                yield sample
+    def _accept(self, sample: Mapping[str, Any]) -> bool:
+        parsed = parse_step_key(sample["__key__"])
+        # A foreign key belongs to no split; the training stream alone reports it.
+        return (parsed[0] in self.episodes) if parsed is not None else self.train
 
 
 @dataclass(frozen=True)
@@ -629,48 +632,88 @@ class TrajectoryStream(ImageTextStream):
             reader.set_epoch(epoch)
 
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        """The batches of one (rank, worker) slot for the current epoch."""
+        """The batches of one (rank, worker) slot for the current epoch (training batches carry their
+        position, see `ImageTextStream.iter_worker`)."""
+        if not self.train:
+            return self._val_batches(worker, num_workers)
+        logical, token = self.resume.start(worker, num_workers) if self.resume else (worker, {})
+        return self._train_batches(logical, num_workers, token)
+
+    def _train_batches(self, worker: int, num_workers: int, token: Mapping[str, Any]) -> Iterator[dict]:
+        """Draw m picks the dataset of the worker's m-th sample; the position after a batch is the number of
+        draws and each dataset reader's position, and each sample's augmentation is seeded by its draw."""
         slots = self.world_size * num_workers
         slot = self.rank * num_workers + worker
         counter = FaultCounter(
             self.max_fault_fraction, self.fault_min_samples, where=f"rank {self.rank} worker {worker}"
         )
-        self.consumed = 0
-        self.batches_yielded = 0
         quota = self.worker_num_batches(worker, num_workers)
-        if quota == 0:
+        done = int(token.get("batches", 0))
+        if done >= quota:
             return
-        rng = np.random.default_rng([self.seed, self.epoch, _AUG_TAG, slot, slots])
+        draws = int(token.get("draws", 0))
+        positions = [int(p) for p in token.get("readers", [0] * len(self.readers))]
+        streams = [
+            reader._train_samples(slot, slots, counter, start)
+            for reader, start in zip(self.readers, positions, strict=True)
+        ]
+        rng = np.random.default_rng([self.seed, self.epoch, _MIX_TAG, slot, slots])
+        for _ in range(draws // _MIX_CHUNK):
+            rng.choice(len(streams), size=_MIX_CHUNK, p=self.probabilities)
+        chunk = rng.choice(len(streams), size=_MIX_CHUNK, p=self.probabilities)
         batch: list[dict[str, Any]] = []
-        for dataset, sample in self._mixed_samples(slot, slots, counter):
-            self.consumed += 1
+        while True:
+            dataset = int(chunk[draws % _MIX_CHUNK])
+            augment_rng = np.random.default_rng([self.seed, self.epoch, _AUG_TAG, slot, slots, draws])
+            draws += 1
+            if draws % _MIX_CHUNK == 0:
+                chunk = rng.choice(len(streams), size=_MIX_CHUNK, p=self.probabilities)
+            sample = None
+            while sample is None:
+                sample = next(streams[dataset])
+                positions[dataset] += 1
             counter.seen()
             try:
-                batch.append(self.encode_step(sample, dataset, rng))
+                batch.append(self.encode_step(sample, dataset, augment_rng))
             except _Skip as skip:
                 counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
             counter.check(sample["__shard__"])
             if len(batch) == self.batch_size:
-                yield collate_trajectory(batch, self.tokenizer.pad_token_id, counter.take())
+                done += 1
+                out = collate_trajectory(batch, self.tokenizer.pad_token_id, counter.take())
+                out[POSITION_KEY] = {
+                    "epoch": self.epoch,
+                    "slot": worker,
+                    "batches": done,
+                    "draws": draws,
+                    "readers": list(positions),
+                }
+                yield out
                 batch = []
-                self.batches_yielded += 1
-                if quota is not None and self.batches_yielded >= quota:
+                if done >= quota:
                     return
+
+    def _val_batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """The datasets one after the other, one pass, no shuffle or augmentation, last partial batch kept."""
+        slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        counter = FaultCounter(
+            self.max_fault_fraction, self.fault_min_samples, where=f"rank {self.rank} worker {worker}"
+        )
+        batch: list[dict[str, Any]] = []
+        for dataset, reader in enumerate(self.readers):
+            for sample in reader._owned_samples(slot, slots, counter):
+                counter.seen()
+                try:
+                    batch.append(self.encode_step(sample, dataset, None))
+                except _Skip as skip:
+                    counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
+                counter.check(sample["__shard__"])
+                if len(batch) == self.batch_size:
+                    yield collate_trajectory(batch, self.tokenizer.pad_token_id, counter.take())
+                    batch = []
         if batch:
             yield collate_trajectory(batch, self.tokenizer.pad_token_id, counter.take())
-            self.batches_yielded += 1
-
-    def _mixed_samples(self, slot: int, slots: int, counter: FaultCounter) -> Iterator[tuple[int, dict]]:
-        if not self.train:
-            for index, reader in enumerate(self.readers):
-                for sample in reader._owned_samples(slot, slots, counter):
-                    yield index, sample
-            return
-        streams = [reader._owned_samples(slot, slots, counter) for reader in self.readers]
-        rng = np.random.default_rng([self.seed, self.epoch, _MIX_TAG, slot, slots])
-        while True:
-            for index in rng.choice(len(streams), size=1024, p=self.probabilities):
-                yield int(index), next(streams[index])
 
     def _prompt(self, instruction: str) -> ActionPrompt:
         prompt = self._prompts.get(instruction)
@@ -1044,6 +1087,7 @@ class TrajectoryDataModule(StreamingDataModule):
                     world_size=world,
                     tokenizer=self.tokenizer,
                     image_processor=self.image_processor,
+                    counts=[int(s["num_samples"]) for s in ds.meta["shards"]],
                 )
             )
         infos = [_DatasetInfo(ds.path, ds.name, int(ds.meta["max_horizon"])) for ds in self._datasets]
@@ -1066,7 +1110,9 @@ class TrajectoryDataModule(StreamingDataModule):
         )
 
     def train_dataloader(self) -> EpochDataLoader:
-        return EpochDataLoader(self._stream(True), self.current_epoch, num_workers=self.num_workers)
+        return EpochDataLoader(
+            self._stream(True), self.current_epoch, self.positions, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.num_val_frames == 0:

@@ -26,11 +26,12 @@ class ConfigError(ValueError):
 @dataclass
 class BackboneConfig:
     preset: str = "tiny"
-    """Architecture preset (`tiny`, `7b`) used when `pretrained` is not set; weights are random."""
+    """Architecture preset (`tiny`, `small`, `7b`) used when `pretrained` is not set; weights are random."""
     pretrained: str | None = None
     """Folder in the official Hugging Face layout (config.json + safetensors) or a dvlx export."""
     tokenizer: str | None = None
-    """Tokenizer folder; defaults to `pretrained`, or to the built-in tiny tokenizer for the `tiny` preset."""
+    """Tokenizer folder; defaults to `pretrained`, or to the built-in tiny tokenizer for the `tiny` and
+    `small` presets."""
     attention: str = "full"
     """Attention mode of the LM: `full` (Dream), `prefix` or `causal`."""
     attn_implementation: str = "sdpa"
@@ -54,12 +55,16 @@ class SyntheticDataConfig:
     """A dataset the package generates itself (demo and tests) when `data.train` does not exist yet."""
 
     kind: str = "captions"
-    """`captions`, `vqa` (image-text) or `robosuite-lift`, `robosuite-lift-color` (trajectories)."""
+    """`captions`, `vqa`, `vqa-blank` (image-text; the last with uniform grey images, a text-only control)
+    or `robosuite-lift`, `robosuite-lift-color` (trajectories)."""
     num_train: int = 2000
     """Samples (image-text) or episodes (simulator demonstrations)."""
     num_val: int = 200
     image_size: int = 112
     seed: int = 0
+    action_noise: float = 0.0
+    """Simulator demonstrations: std of Gaussian noise on the executed (not the recorded) position deltas,
+    so that the data shows how to recover from small errors (`data_modules.demos`)."""
 
 
 @dataclass
@@ -130,6 +135,8 @@ class OptimConfig:
     """Learning rate of the projector; None = `lr`."""
     global_batch_size: int | None = None
     """If set, gradient accumulation = global / (per-device batch * devices * nodes), which must divide."""
+    optimizer: str = "adamw"
+    """`adamw` (torch) or `adamw8bit` (bitsandbytes: 8-bit optimiser states)."""
 
 
 @dataclass
@@ -140,12 +147,25 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
+    """`auto`, `ddp`, `fsdp`, `deepspeed_stage_2` or `deepspeed_stage_3` (see docs/scaling.md)."""
+    fsdp_sharding: str = "FULL_SHARD"
+    """FSDP: `FULL_SHARD`, `SHARD_GRAD_OP`, `HYBRID_SHARD` (shard within a node) or `NO_SHARD`."""
+    fsdp_state_dict: str = "sharded"
+    """FSDP checkpoints: `sharded` (a folder, one file per rank) or `full` (one file, gathered on rank 0)."""
+    cpu_offload: bool = False
+    """FSDP and DeepSpeed: keep optimiser states (and under FSDP / ZeRO-3 parameters) in CPU memory."""
+    find_unused_parameters: bool = False
+    """DDP: tolerate trainable parameters that receive no gradient in a step (slower)."""
+    compile: bool = False
+    """torch.compile every LM decoder layer and vision block (regional compilation)."""
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
     val_every_n_steps: int = 100
     limit_val_batches: int | None = None
     checkpoint_every_n_steps: int = 100
+    max_consecutive_nonfinite: int = 5
+    """Optimiser steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run."""
     seed: int = 0
     progress_bar: bool = True
 
@@ -169,6 +189,9 @@ class LoraConfig:
     """Module-name suffixes to adapt; `all-linear` = every nn.Linear of the backbone except lm_head."""
     train_action_rows: bool = True
     """With token objectives, also train the embedding and output rows of the action tokens."""
+    quantize: str | None = None
+    """`nf4`: QLoRA, the base weights under the adapters stored in 4-bit NormalFloat (bitsandbytes, bf16
+    compute); None = the base weights keep their dtype."""
 
 
 @dataclass
@@ -226,6 +249,34 @@ class StageConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Closed-loop rollouts of the VLA stage during training (`callbacks/rollouts.py`,
+    `dvlx.eval.rollout`): success rate in TensorBoard, optionally the checkpoint selection metric."""
+
+    enabled: bool = False
+    env: str = "robosuite-lift"
+    """`robosuite-lift`, `robosuite-lift-color` or a LIBERO suite (`libero_spatial`, ...)."""
+    every_n_steps: int = 0
+    """Run every this many optimiser steps (0 = only at the end, with `at_end`)."""
+    at_end: bool = True
+    """Also run when training ends (on the exported weights) and print the success rate."""
+    episodes: int = 10
+    """Episodes per task (LIBERO: initial states 0..episodes-1 of each task)."""
+    workers: int = 2
+    max_steps: int | None = None
+    """Policy steps per episode; None = the environment's limit."""
+    open_loop_steps: int | None = None
+    """Actions executed per chunk; None = the whole chunk."""
+    seed: int = 7
+    """The same episodes every time, so that runs at different steps compare."""
+    video: bool = True
+    """A frame strip of the first episode in TensorBoard (`rollout/frames`)."""
+    monitor: bool = False
+    """Keep the checkpoint with the best `rollout/success_rate` as `checkpoints/best-rollout-*.ckpt`."""
+    libero_assets: str | None = None
+
+
+@dataclass
 class ExperimentConfig:
     name: str = ""
     """Experiment name; defaults to the YAML file's stem."""
@@ -241,6 +292,8 @@ class ExperimentConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """Used by the `vla` stage only."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Used by the `vla` stage only."""
 
     @property
     def run_dir(self) -> Path:
@@ -252,10 +305,17 @@ SCHEDULES = ("cosine", "linear", "constant")
 WEIGHTINGS = ("cart", "none")
 TEMPLATES = ("plain", "qwen_2_5")
 TRAINABLE_PARTS = ("projector", "lm", "vision", "merger")
-SYNTHETIC_KINDS = ("captions", "vqa", "robosuite-lift", "robosuite-lift-color")
+SYNTHETIC_KINDS = ("captions", "vqa", "vqa-blank", "robosuite-lift", "robosuite-lift-color")
 DATA_KINDS = ("image_text", "trajectory")
 NORMALIZATION_MODES = ("bounds_q99", "bounds", "mean_std")
-PRESETS = ("tiny", "7b")
+PRESETS = ("tiny", "small", "7b")
+ROLLOUT_ENVS = ("robosuite-lift", "robosuite-lift-color", "libero_spatial", "libero_object", "libero_goal",
+                "libero_10", "libero_90")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+STATE_DICT_TYPES = ("sharded", "full")
+OPTIMIZERS = ("adamw", "adamw8bit")
+QUANTIZE_MODES = ("nf4",)
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -290,6 +350,7 @@ def validate(
         "data.max_length": cfg.data.max_length,
         "trainer.max_steps": cfg.trainer.max_steps,
         "trainer.checkpoint_every_n_steps": cfg.trainer.checkpoint_every_n_steps,
+        "trainer.max_consecutive_nonfinite": cfg.trainer.max_consecutive_nonfinite,
         "trainer.val_every_n_steps": cfg.trainer.val_every_n_steps,
         "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
         "processor.min_pixels": cfg.processor.min_pixels,
@@ -323,8 +384,25 @@ def validate(
         _check_choice("data.synthetic.kind", cfg.data.synthetic.kind, SYNTHETIC_KINDS)
     if cfg.lora.rank < 0:
         raise ConfigError(f"key 'lora.rank': must be >= 0, got {cfg.lora.rank}")
+    _check_choice("trainer.strategy", cfg.trainer.strategy, STRATEGIES)
+    _check_choice("trainer.fsdp_sharding", cfg.trainer.fsdp_sharding, FSDP_SHARDING)
+    _check_choice("trainer.fsdp_state_dict", cfg.trainer.fsdp_state_dict, STATE_DICT_TYPES)
+    _check_choice("optim.optimizer", cfg.optim.optimizer, OPTIMIZERS)
+    if cfg.lora.quantize is not None:
+        _check_choice("lora.quantize", cfg.lora.quantize, QUANTIZE_MODES)
+        if cfg.lora.rank == 0:
+            raise ConfigError("key 'lora.quantize': quantized base weights need adapters (lora.rank > 0)")
     if cfg.data.horizon < 1:
         raise ConfigError(f"key 'data.horizon': must be >= 1, got {cfg.data.horizon}")
+    if cfg.rollout.enabled:
+        _check_choice("rollout.env", cfg.rollout.env, ROLLOUT_ENVS)
+        for key in ("every_n_steps", "episodes", "workers", "max_steps", "open_loop_steps"):
+            value = getattr(cfg.rollout, key)
+            low = 0 if key == "every_n_steps" else 1
+            if value is not None and value < low:
+                raise ConfigError(f"key 'rollout.{key}': must be >= {low}, got {value}")
+        if cfg.rollout.monitor and cfg.rollout.every_n_steps == 0:
+            raise ConfigError("key 'rollout.monitor': selecting checkpoints needs rollout.every_n_steps > 0")
     if cfg.data.train is None and cfg.data.synthetic is None and not cfg.data.datasets:
         raise ConfigError("key 'data.train': no training data given (set data.train or data.synthetic)")
 

@@ -2,14 +2,16 @@
 
 Layout: `config.json` + safetensors (what `DreamVL.from_pretrained` reads), the tokenizer files,
 `preprocessor_config.json`, `experiment.yaml` (the resolved training config), and for VLA exports
-`action_spec.json` (dims, cameras, normalisation statistics and their fingerprint) and `objective.safetensors`
-(heads and projectors of the action objective). `dvlx.json` (stage, step, objective settings, dvlx version)
-is written last, so its presence marks a complete export. The folder is assembled under a temporary name and
-renamed into place. LoRA adapters must be merged before (`dvlx.backbone.lora.merge_lora`).
+`action_spec.json` (dims, cameras, normalisation statistics) and `objective.safetensors` (heads and
+projectors of the action objective). `dvlx.json` (stage, step, objective settings, dvlx version, and for VLA
+the fingerprints of the action spec and of its statistics, `stats_hash`) is written last, so its presence
+marks a complete export. The folder is assembled under a temporary name and renamed into place. LoRA
+adapters must be merged before (`dvlx.backbone.lora.merge_lora`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +25,13 @@ import dvlx
 EXPORT_MARKER = "dvlx.json"
 ACTION_SPEC_FILE = "action_spec.json"
 OBJECTIVE_FILE = "objective.safetensors"
+
+
+def stats_hash(spec) -> str:
+    """Short sha256 of an action spec's normalisation (mode, statistics and mask of actions and proprio)."""
+    proprio = spec.proprio_normalizer.to_dict() if spec.proprio_normalizer is not None else None
+    text = json.dumps({"action": spec.action_normalizer.to_dict(), "proprio": proprio}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def write_export(
@@ -54,6 +63,7 @@ def write_export(
     if spec is not None:
         spec.save(tmp / ACTION_SPEC_FILE)
         meta["action_spec_fingerprint"] = spec.fingerprint()
+        meta["stats_hash"] = stats_hash(spec)
     if objective is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
         save_file(tensors, str(tmp / OBJECTIVE_FILE))

@@ -89,6 +89,8 @@ _EXPECTED_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",
     r".*`IterableDataset` has `__len__` defined.*",
     r".*you need to define a `flops_per_batch` attribute.*",
+    # On --resume the checkpoint folder holds the run's checkpoints by design.
+    r".*Checkpoint directory .* exists and is not empty.*",
 )
 
 
@@ -104,36 +106,53 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = replace(cfg, variant=variant)
             configs.append(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     if args.print_config:
         for cfg in configs:
             print(to_yaml(cfg))
         return 0
+    from callbacks.numerics import NonFiniteTrainingError
+    from data_modules.faults import TooManyFaultsError
+
     results = []
     for cfg in configs:
         try:
             results.append(run(cfg, resume=args.resume))
         except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {_one_line(err)}", file=sys.stderr)
             return 2
+        except (NonFiniteTrainingError, TooManyFaultsError) as err:
+            # A data worker's error arrives with its traceback in the message; its last line is the reason.
+            reason = str(err).strip().splitlines()[-1].split(f"{type(err).__name__}: ", 1)[-1]
+            print(f"error: {cfg.run_dir}: {reason}", file=sys.stderr)
+            return 1
     if args.sweep:
         table = write_sweep_table(configs, args.sweep)
         print(table.read_text())
     return 0 if all(r == 0 for r in results) else 1
 
 
+def _one_line(err: Exception) -> str:
+    """An error message on one line (reports such as a checkpoint's missing keys span several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def _check_run_dir(cfg: ExperimentConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None for a fresh start; refuses to overwrite an existing run."""
     run_dir = cfg.run_dir
-    last = run_dir / "checkpoints" / "last.ckpt"
     has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
     if resume:
-        if last.is_file():
-            return last
-        if has_checkpoints:
-            raise ConfigError(f"{run_dir}: --resume found checkpoints but no last.ckpt")
-        return None
+        # last.ckpt is a file, or a folder for sharded (FSDP, DeepSpeed) checkpoints; a cut one is skipped.
+        from callbacks.checkpoint_io import find_resume_checkpoint
+
+        found, rejected = find_resume_checkpoint(run_dir / "checkpoints")
+        for path, problem in rejected:
+            log.warning("%s is not a complete checkpoint (%s); resuming from an earlier one", path, problem)
+        if found is None and rejected:
+            path, problem = rejected[0]
+            raise ConfigError(f"{path}: --resume found no complete checkpoint ({problem})")
+        return found
     if has_checkpoints or (run_dir / "export" / EXPORT_MARKER).exists():
         raise ConfigError(
             f"{run_dir}: run folder already holds a run; pass --resume to continue it, or choose another "
@@ -151,13 +170,13 @@ def exported_step(run_dir: Path) -> int:
 
 
 def _check_writable(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
     probe = path / ".write_test"
     try:
+        path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"{path}: output folder is not writable ({err.strerror})") from None
+        raise ConfigError(f"{path}: output folder is not writable ({err.strerror or err})") from None
 
 
 def run(cfg: ExperimentConfig, resume: bool = False) -> int:
@@ -182,6 +201,12 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> int:
     datamodule = build_datamodule(cfg, tokenizer, image_processor)
     spec = action_spec(cfg, datamodule)
     stage = build_stage(cfg, backbone, tokenizer, spec)
+    from callbacks.checkpoint_io import estimate_checkpoint_bytes, free_space_problem
+
+    # Room for the next checkpoint while the previous one still exists.
+    full = free_space_problem(run_dir, 2 * estimate_checkpoint_bytes(stage))
+    if full is not None:
+        raise ConfigError(f"{run_dir}: output location is too full for checkpoints ({full})")
     trainer = build_trainer(cfg, tokenizer, image_processor)
     log.info(
         "run %s: %s, %d trainable of %d parameters, global batch %d (%d per device x %d devices x %d "
@@ -195,8 +220,14 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> int:
         trainer.world_size,
         trainer.accumulate_grad_batches,
     )
+    from dvlx.strategies import batch_layout
+
+    for logger in trainer.loggers:
+        logger.log_hyperparams(batch_layout(cfg, trainer.world_size).as_hparams())
     trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    final = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+    final = {
+        k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "rollout/"))
+    }
     if trainer.is_global_zero:
         write_atomic(run_dir / FINAL_METRICS, json.dumps({"step": trainer.global_step, **final}, indent=2))
         if final:
@@ -245,7 +276,7 @@ def build_tokenizer(cfg: ExperimentConfig):
             return Tokenizer.from_pretrained(folder)
         except (OSError, ValueError) as err:
             raise ConfigError(f"key 'backbone.tokenizer': {err}") from None
-    if cfg.backbone.preset != "tiny":
+    if cfg.backbone.preset not in ("tiny", "small"):
         raise ConfigError(
             f"key 'backbone.tokenizer': the '{cfg.backbone.preset}' preset needs a tokenizer folder "
             "(backbone.tokenizer or backbone.pretrained)"
@@ -312,8 +343,9 @@ def build_backbone(cfg: ExperimentConfig, tokenizer):
         backbone.resize_token_embeddings(len(tokenizer))
     if cfg.backbone.init_checkpoint is not None:
         load_backbone_checkpoint(backbone, cfg.backbone.init_checkpoint)
-    if cfg.backbone.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable()
+    from dvlx.strategies import prepare_backbone
+
+    prepare_backbone(cfg, backbone)
     return backbone
 
 
@@ -363,10 +395,11 @@ def build_datamodule(cfg: ExperimentConfig, tokenizer, image_processor):
     data = cfg.data
     train, val, generate = data.train, data.val, None
     if data.synthetic is not None:
-        from data_modules.synthetic import generate_captions, generate_vqa
+        from data_modules.synthetic import generate_captions, generate_vqa, generate_vqa_blank
 
         syn = data.synthetic
-        writer = {"captions": generate_captions, "vqa": generate_vqa}[syn.kind]
+        writers = {"captions": generate_captions, "vqa": generate_vqa, "vqa-blank": generate_vqa_blank}
+        writer = writers[syn.kind]
         root = Path(data.synthetic_dir)
         train = train or str(root / "train")
         val = val or str(root / "val")
@@ -416,6 +449,7 @@ def build_trajectory_datamodule(cfg: ExperimentConfig, tokenizer, image_processo
             seed=syn.seed,
             image_size=syn.image_size,
             workers=max(1, data.num_workers),
+            action_noise=syn.action_noise,
         )
 
         def generate() -> None:
@@ -450,13 +484,17 @@ def build_trajectory_datamodule(cfg: ExperimentConfig, tokenizer, image_processo
 
 def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from callbacks import AtomicCheckpointIO, DataFaultMonitor, ExportOnTrainEnd, throughput_monitor
+    from callbacks.checkpoint_io import StepCheckpoint
+    from callbacks.numerics import NonFiniteGuard
+    from callbacks.resume import StepSeed
+    from dvlx.strategies import batch_layout, build_strategy
 
     t, run_dir = cfg.trainer, cfg.run_dir
-    checkpoint = ModelCheckpoint(
+    checkpoint = StepCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="step-{step:07d}",
         every_n_train_steps=t.checkpoint_every_n_steps,
@@ -471,12 +509,23 @@ def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
         LearningRateMonitor(logging_interval="step"),
         DataFaultMonitor(),
         throughput_monitor(),
+        StepSeed(t.seed),
+        NonFiniteGuard(t.max_consecutive_nonfinite),
         ExportOnTrainEnd(run_dir / "export", tokenizer, image_processor, to_yaml(cfg)),
     ]
     if cfg.stage.name == "vla":
         from callbacks.action_plots import ActionChunkPlot
+        from callbacks.resume import SpecOnResume
 
         callbacks.append(ActionChunkPlot())
+        callbacks.append(SpecOnResume())
+        if cfg.rollout.enabled:
+            from callbacks.rollouts import RolloutMonitor, best_rollout_checkpoint
+
+            monitor = RolloutMonitor(cfg.rollout, tokenizer, image_processor, run_dir, cfg.objective.steps)
+            callbacks.append(monitor)
+            if cfg.rollout.monitor:
+                callbacks.append(best_rollout_checkpoint(run_dir, cfg.rollout))
     gen = cfg.stage.generation
     if gen.enabled and cfg.data.kind == "image_text":
         from callbacks.generation_samples import GenerationMonitor
@@ -500,7 +549,7 @@ def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(cfg),
         precision=t.precision,
         gradient_clip_val=cfg.optim.grad_clip or None,
         log_every_n_steps=t.log_every_n_steps,
@@ -517,15 +566,7 @@ def build_trainer(cfg: ExperimentConfig, tokenizer, image_processor):
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
     )
-    accumulate = t.accumulate_grad_batches
-    if cfg.optim.global_batch_size is not None:
-        per_step = cfg.data.batch_size * trainer.world_size
-        if cfg.optim.global_batch_size % per_step:
-            raise ConfigError(
-                f"key 'optim.global_batch_size': {cfg.optim.global_batch_size} is not a multiple of "
-                f"data.batch_size x world size = {cfg.data.batch_size} x {trainer.world_size}"
-            )
-        accumulate = cfg.optim.global_batch_size // per_step
+    accumulate = batch_layout(cfg, trainer.world_size).accumulate
     trainer.accumulate_grad_batches = accumulate
     # Validation cadence counts training batches; the config counts optimiser steps.
     trainer.val_check_interval = t.val_every_n_steps * accumulate

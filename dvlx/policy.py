@@ -9,14 +9,20 @@ the action spec), `proprio` ([S] floats, when the spec has proprio) and `instruc
 the preprocessing used in training: resize to the spec's square size, and the centre crop of the same area
 when training used random crops. Proprio is normalised and actions un-normalised with the statistics stored
 in the export, so the caller works in robot units only.
+
+A caller that knows what it will feed and expects (an environment's cameras and dims, the statistics of its
+data) passes it as `expected_spec` / `expected_stats_hash`; a difference is refused, naming it, unless
+`allow_spec_mismatch=True` (`Policy.check_spec`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,14 +31,65 @@ from safetensors.torch import load_file
 
 from dvlx.backbone import DreamVL
 from dvlx.config import ObjectiveConfig
-from dvlx.export import ACTION_SPEC_FILE, EXPORT_MARKER, OBJECTIVE_FILE
+from dvlx.export import ACTION_SPEC_FILE, EXPORT_MARKER, OBJECTIVE_FILE, stats_hash
 from dvlx.objectives import objective_class
 from dvlx.processing import IGNORE_INDEX, ImageProcessor, Tokenizer
 from dvlx.processing.robot import ActionSpec, center_crop, encode_action_prompt, resize_image
 
+log = logging.getLogger(__name__)
+
+SPEC_CHECK_KEYS = (
+    "action_dim",
+    "proprio_dim",
+    "cameras",
+    "action_names",
+    "proprio_names",
+    "horizon",
+    "control_hz",
+    "image_size",
+    "stats_hash",
+)
+"""What `spec_differences` compares: what the policy is fed and outputs, and the normalisation statistics."""
+
 
 class SpecMismatchError(ValueError):
     """An observation or a caller's expectation does not match the spec the checkpoint was trained with."""
+
+
+def spec_differences(trained: ActionSpec, expected: ActionSpec | Mapping[str, Any]) -> list[str]:
+    """`key: trained X, expected Y` for every key of `SPEC_CHECK_KEYS` that differs; `expected` is an
+    `ActionSpec` or a mapping with some of those keys (`stats_hash` from `dvlx.export.stats_hash`)."""
+    if isinstance(expected, ActionSpec):
+        given = {**expected.to_dict(), "stats_hash": stats_hash(expected)}
+        given = {k: given[k] for k in SPEC_CHECK_KEYS}
+    else:
+        given = dict(expected)
+        unknown = sorted(set(given) - set(SPEC_CHECK_KEYS))
+        if unknown:
+            raise ValueError(f"expected spec has unknown keys {unknown}; known: {list(SPEC_CHECK_KEYS)}")
+    ours = {**trained.to_dict(), "stats_hash": stats_hash(trained)}
+    return [f"{k}: trained {ours[k]!r}, expected {v!r}" for k, v in given.items() if ours[k] != v]
+
+
+def require_spec(
+    trained: ActionSpec,
+    expected: ActionSpec | Mapping[str, Any],
+    *,
+    allow_mismatch: bool = False,
+    where: str = "policy",
+) -> list[str]:
+    """Refuses (`SpecMismatchError`) an expected spec that differs from the trained one, naming each
+    difference; with `allow_mismatch` the differences are logged as a warning and returned."""
+    differences = spec_differences(trained, expected)
+    if differences and not allow_mismatch:
+        raise SpecMismatchError(
+            f"{where}: the policy was trained with another spec: "
+            + "; ".join(differences)
+            + " (allow_spec_mismatch=True overrides)"
+        )
+    if differences:
+        log.warning("%s: spec differences allowed: %s", where, "; ".join(differences))
+    return differences
 
 
 class Policy:
@@ -60,10 +117,13 @@ class Policy:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         expected_spec_fingerprint: str | None = None,
+        expected_spec: ActionSpec | Mapping[str, Any] | None = None,
+        expected_stats_hash: str | None = None,
         allow_spec_mismatch: bool = False,
     ) -> Policy:
-        """Loads an export written by `dvlx.fit` (VLA stage). With `expected_spec_fingerprint` (e.g. from the
-        data a caller prepared), a different stored spec is refused unless `allow_spec_mismatch`."""
+        """Loads an export written by `dvlx.fit` (VLA stage); a spec or statistics edited after the export are
+        refused. With `expected_spec_fingerprint`, `expected_spec` or `expected_stats_hash` (from the data or
+        environment a caller prepared), a difference is refused unless `allow_spec_mismatch`."""
         folder = Path(export_dir)
         for name in (EXPORT_MARKER, ACTION_SPEC_FILE, OBJECTIVE_FILE):
             if not (folder / name).is_file():
@@ -75,6 +135,11 @@ class Policy:
                 f"{folder / ACTION_SPEC_FILE}: fingerprint {spec.fingerprint()} differs from the recorded "
                 f"at export ({meta['action_spec_fingerprint']}); the statistics were edited after training"
             )
+        if meta.get("stats_hash") not in (None, stats_hash(spec)):
+            raise SpecMismatchError(
+                f"{folder / ACTION_SPEC_FILE}: statistics hash {stats_hash(spec)} differs from the one "
+                f"recorded at export ({meta['stats_hash']}); the statistics were edited after training"
+            )
         if (
             expected_spec_fingerprint is not None
             and expected_spec_fingerprint != spec.fingerprint()
@@ -84,6 +149,11 @@ class Policy:
                 f"{folder}: action spec fingerprint {spec.fingerprint()} differs from the expected "
                 f"{expected_spec_fingerprint} (other statistics or dims); allow_spec_mismatch=True overrides"
             )
+        checks = [expected_spec] if expected_spec is not None else []
+        if expected_stats_hash is not None:
+            checks.append({"stats_hash": expected_stats_hash})
+        for expected in checks:
+            require_spec(spec, expected, allow_mismatch=allow_spec_mismatch, where=str(folder))
         tokenizer = Tokenizer.from_pretrained(folder)
         backbone = DreamVL.from_pretrained(folder, dtype=dtype, device=device)
         backbone.config.attention = meta.get("attention", backbone.config.attention)
@@ -93,7 +163,18 @@ class Policy:
         )
         objective.load_state_dict(load_file(str(folder / OBJECTIVE_FILE)))
         objective.to(device=device, dtype=dtype or torch.float32)
-        return cls(backbone, objective, tokenizer, ImageProcessor.from_pretrained(folder), spec, str(folder))
+        processor = ImageProcessor.from_pretrained(folder)
+        return cls(backbone, objective, tokenizer, processor, spec, str(folder))
+
+    @property
+    def stats_hash(self) -> str:
+        """Hash of the normalisation statistics the policy was trained with (`dvlx.export.stats_hash`)."""
+        return stats_hash(self.spec)
+
+    def check_spec(self, expected: ActionSpec | Mapping[str, Any], allow_mismatch: bool = False) -> list[str]:
+        """`require_spec` against the spec this policy was trained with (for rollout evaluation: the
+        environment's cameras and dims, the statistics of the data it was set up with)."""
+        return require_spec(self.spec, expected, allow_mismatch=allow_mismatch, where=self.source or "policy")
 
     @property
     def device(self) -> torch.device:

@@ -139,8 +139,10 @@ def test_tiny_vla_beats_the_mean_action_on_held_out_episodes(tmp_path: Path) -> 
         "processor.max_pixels=2304",
         "data.val_episodes=2",
         "data.batch_size=16",
-        "trainer.max_steps=200",
-        "trainer.val_every_n_steps=200",
+        # 200 steps left the result at the mercy of the initial draw (0.14-0.26 across seeds and tokenizer
+        # versions); 300 steps gave 0.11 against a baseline of 0.31.
+        "trainer.max_steps=300",
+        "trainer.val_every_n_steps=300",
         "trainer.progress_bar=false",
     ]
     assert main(run) == 0

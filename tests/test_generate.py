@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from reference_generate import reference_generate
 
 from dvlx import chat
 from dvlx.backbone import DreamVL, preset_config
@@ -381,6 +382,82 @@ def test_decode_generated_cuts_at_the_first_stop(tokenizer):
     assert texts[:2] == ["red", "a red circle"]
     assert texts[2].startswith("no stop at all") and "<|endoftext|>" not in texts[2]
     assert decode_generated(tokenizer, sequences, len(prompt), stop_strings=("blue",))[0] == "red<|im_end|>\n"
+
+
+# ------------------------------------------------------------------------------ parity with the reference
+def _reference(model, batch: dict, seed: int, **kwargs) -> torch.Tensor:
+    """tests/reference_generate.py on the same weights: full recomputation every step, global RNG."""
+
+    def logits_fn(canvas: torch.Tensor) -> torch.Tensor:
+        pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+        return model(input_ids=canvas, pixel_values=pixels, image_grid_thw=grid).logits
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return reference_generate(logits_fn, batch["input_ids"], model.config.mask_token_id, **kwargs)
+
+
+PARITY_SETTINGS = [
+    # (max_new_tokens, steps): the official evaluation shapes (steps = length, steps = 1) and one in between.
+    (8, 8),
+    (12, 4),
+    (3, 1),
+]
+SAMPLING = {"greedy": {}, "sampled": dict(temperature=0.7, top_p=0.95, top_k=200)}
+# dvlx draws `origin`'s reveal coins for every slot of the canvas, the reference one per still-masked slot,
+# so from the second step on the two consume the random stream differently (same distribution).
+ORIGIN_STREAM = pytest.mark.xfail(
+    strict=True, reason="origin_positions draws a uniform per slot, the reference one per masked slot"
+)
+
+
+def _parity_cases():
+    for alg in ALGORITHMS:
+        for n, steps in PARITY_SETTINGS:
+            marks = [ORIGIN_STREAM] if alg == "origin" and steps > 1 else []
+            yield pytest.param(alg, n, steps, marks=marks, id=f"{alg}-{n}-{steps}")
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+@pytest.mark.parametrize(("alg", "n", "steps"), list(_parity_cases()))
+def test_tokens_match_the_reference_sampler_at_batch_size_1(model, tokenizer, alg, n, steps, sampling):
+    """Same weights and prompt: dvlx's generator and the reference's global RNG seeded alike give the same
+    tokens, greedy or sampled (temperature, top-p and top-k), for every algorithm."""
+    batch = _batch([_prompt(tokenizer, "What colour is the shape at the top left?")])
+    kwargs = dict(max_new_tokens=n, steps=steps, alg=alg, **SAMPLING[sampling])
+    for seed in range(3):
+        expected = _reference(model, batch, seed, **kwargs)
+        got = generate(model, **batch, generator=torch.Generator().manual_seed(seed), **kwargs)
+        assert torch.equal(got, expected), seed
+        assert not bool((got == model.config.mask_token_id).any())
+
+
+def test_reference_ranks_slots_across_the_batch_and_dvlx_per_row():
+    """The documented batch > 1 difference: the reference gives a step's whole budget to the surest row."""
+    mask_id, vocab, n = 0, 6, 4
+    sure = torch.full((vocab,), -10.0)
+    sure[3] = 10.0
+
+    def logits_fn(canvas: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*canvas.shape, vocab)
+        logits[0] = sure  # row 0 is certain everywhere, row 1 is uniform
+        return logits
+
+    prompt = torch.tensor([[1, 2], [1, 2]])
+    canvases: list[torch.Tensor] = []
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reference_generate(
+            lambda x: (canvases.append(x.clone()), logits_fn(x))[1], prompt, mask_id, n, 2, "maskgit_plus"
+        )
+    # Step 0 reveals int(8 * (1 - s/t)) = 3 slots of the batch, all from row 0; row 1 waits for the last step.
+    after_first = (canvases[1][:, 2:] != mask_id).sum(dim=1).tolist()
+    assert after_first == [3, 0]
+    # dvlx: each row reveals its own count, floor(4 * (1 - s/t)) = 1, whatever the other row's confidence.
+    masked = torch.ones(2, n, dtype=torch.bool)
+    counts = reveal_counts(masked.sum(dim=1), 0, 2)
+    scores = torch.tensor([[0.99] * n, [1 / vocab] * n])
+    assert select_positions(scores, masked, counts).sum(dim=1).tolist() == [1, 1]
 
 
 # ------------------------------------------------------------------------------------------------ chat

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.qwen2 import Qwen2Config, Qwen2Model
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VisionTransformerPretrainedModel,
+    Qwen2VLVisionBlock,
     Qwen2VLVisionRotaryEmbedding,
 )
 
@@ -35,6 +36,9 @@ from dvlx.backbone.config import ATTENTION_MODES, SPECIAL_TOKEN_FIELDS, DreamVLC
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 VISION_ROPE_THETA = 10000.0
 """The Qwen2-VL ViT rotary base; it is not a key of the official config."""
+BLOCK_CLASSES: tuple[type[nn.Module], ...] = (Qwen2DecoderLayer, Qwen2VLVisionBlock)
+"""The repeated blocks (LM decoder layer, vision block): the units of FSDP wrapping, activation
+checkpointing and regional torch.compile."""
 
 
 @dataclass

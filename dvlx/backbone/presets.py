@@ -1,4 +1,5 @@
-"""Named architecture presets: `7b` (the official Dream-VL-7B config) and `tiny` (CPU tests and demos)."""
+"""Named architecture presets: `7b` (the official Dream-VL-7B config), `tiny` (CPU tests and demos) and
+`small` (CPU demos that need a little more capacity)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,26 @@ def _config_tiny(overrides: dict[str, Any]) -> DreamVLConfig:
     return DreamVLConfig(**{**base, **overrides})
 
 
-_PRESETS = {"7b": _config_7b, "tiny": _config_tiny}
+def _config_small(overrides: dict[str, Any]) -> DreamVLConfig:
+    # Twice the tiny width and depth, for CPU demos that need two-hop grounding (find the shape a question
+    # names, then read its position); tests keep using `tiny`.
+    missing = [name for name in ("vocab_size", *SPECIAL_TOKEN_FIELDS) if name not in overrides]
+    if missing:
+        raise ValueError(f"preset 'small' needs these from the tokenizer: {', '.join(missing)}")
+    hidden = overrides.get("hidden_size", 128)
+    vision = {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "hidden_size": hidden}
+    base = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vision_config": VisionConfig(**vision),
+    }
+    return _config_tiny({**base, **overrides})
+
+
+_PRESETS = {"7b": _config_7b, "tiny": _config_tiny, "small": _config_small}
 
 
 def preset_config(name: str, **overrides: Any) -> DreamVLConfig:

@@ -12,6 +12,9 @@ BENCHMARKS = {
     "data": "image-text samples/s per worker against a plain JPEG-decode loop",
     "generate": "generated tokens/s with and without the prefix KV cache against full recomputation",
     "decode": "action-chunk latency per objective and step count, with the issue 5 decoding ratios",
+    "memory": "per-GPU training memory estimate (weights, grads, optimiser, activations) by strategy",
+    "train": "training step time against plain transformers Qwen2; checkpointing and compile ratios",
+    "rollout": "simulator steps/s with 1 and W worker processes, policy queries/s batched against one by one",
 }
 
 

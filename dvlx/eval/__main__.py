@@ -12,6 +12,10 @@ COMMANDS = {
         "dvlx.eval.vl",
         "generate answers for image-question records and score them (exact match, choices)",
     ),
+    "rollout": (
+        "dvlx.eval.rollout",
+        "closed-loop success of a VLA export in robosuite or LIBERO, in parallel worker processes",
+    ),
 }
 
 

@@ -119,6 +119,9 @@ def tiny_corpus() -> list[str]:
             f"Is there {_article(colour)} {colour} {shape} in the image? {'yes' if i % 2 else 'no'}",
             f"The {colour} {shape} is in the {position}.",
         ]
+    # Short answers open the assistant turn right after a newline, without a leading space: these lines give
+    # each answer word its own space-less token, so a one-word answer is one token.
+    lines += [*_COLOURS, *_SHAPES, *_POSITIONS, "zero", *_COUNTS, "yes", "no"]
     return lines
 
 

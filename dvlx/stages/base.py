@@ -62,12 +62,18 @@ def unfreeze_parts(backbone: DreamVL, parts, vision_from_block: int) -> None:
 def build_optimizer(
     module: torch.nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int
 ) -> dict:
-    """AdamW over `groups` (every trainable parameter of `module` must be in one) with the LR schedule."""
+    """AdamW (`optim.optimizer`: torch's or bitsandbytes' 8-bit) over `groups` (every trainable parameter of
+    `module` must be in one) with the LR schedule."""
     grouped = {id(p) for g in groups for p in g["params"]}
     missing = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in grouped]
     if missing:
         raise RuntimeError(f"{len(missing)} trainable parameters are in no optimiser group: {missing[:5]}")
-    optimizer = torch.optim.AdamW(
+    adamw = torch.optim.AdamW
+    if optim.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        adamw = bnb.optim.AdamW8bit  # 8-bit block-wise states for tensors of >= 4096 elements
+    optimizer = adamw(
         groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
     )
     # LambdaLR scales each group's own base LR, so per-part learning rates keep their ratios.

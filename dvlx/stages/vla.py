@@ -58,6 +58,7 @@ class VLA(LightningModule):
                 targets=lora.targets,
                 output_token_ids=outputs,
                 input_token_ids=inputs,
+                quantize=lora.quantize,
             )
         else:
             parts = self.cfg.stage.trainable if self.cfg.stage.trainable is not None else TRAINABLE_PARTS_ALL
