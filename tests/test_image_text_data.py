@@ -594,10 +594,12 @@ def test_synthetic_vqa_answers_match_the_image(tmp_path, tokenizer, processor):
                 elif q.startswith("What colour is the shape at the "):
                     assert by_position[q.removeprefix("What colour is the shape at the ")[:-1]]["colour"] == a
                 elif q.startswith("What shape is at the "):
-                    assert by_position[q.removeprefix("What shape is at the ")[:-1]]["shape"] == a
+                    # Nouns keep their article (see synthetic._question).
+                    assert "a " + by_position[q.removeprefix("What shape is at the ")[:-1]]["shape"] == a
                 else:
                     colour, shape = q.removeprefix("Where is the ")[:-1].split()
-                    assert (by_position[a]["colour"], by_position[a]["shape"]) == (colour, shape)
+                    where = by_position[a.removeprefix("the ")]
+                    assert (where["colour"], where["shape"]) == (colour, shape)
     dm = _module(
         tokenizer, processor, result["train"], template="qwen_2_5", val=result["train"], val_batch_size=12
     )
