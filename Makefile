@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt $(PIP_TORCH_ARGS) torch
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,sim,scale]"
-	$(BIN)/python -m pip install -q -c constraints.txt --no-deps robosuite==1.4.1
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps robosuite==1.4.1 hf-libero==0.1.4 bddl==1.0.1
 	touch $(STAMP)
 
 demo: venv
