@@ -1,4 +1,5 @@
-# Quick start: `make demo` (train the tiny Dream-VL on generated data) and `make test` (the test suite).
+# Quick start: `make demo` (robot demonstrations -> tiny Dream-VLA -> closed-loop success rate) and
+# `make test` (the test suite).
 # Both create or update the virtual environment in .venv first. torch is pinned through constraints.txt
 # so pip never swaps in another build; set PIP_TORCH_ARGS (e.g. an --index-url of CPU wheels) if your
 # default index would give you a CUDA build you do not want.
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m dvlx.fit experiments/tiny_vl_pretrain.yaml variant=demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/python -m dvlx.fit experiments/tiny_vla_closed_loop.yaml variant=demo-$$(date +%Y%m%d-%H%M%S)
 
 test: venv
 	$(BIN)/python -m pytest -q
