@@ -50,6 +50,8 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 CAPTION_PROMPT = "Describe the image in one sentence."
 GENERATOR_PREFIX = "data_modules.synthetic."
+# Recorded in meta.json params; bumped when a kind's samples change, so that cached splits are rewritten.
+SAMPLE_VERSIONS = {"captions": 1, "vqa": 2, "vqa-blank": 2}
 _SPLIT_TAGS = {"train": 0, "val": 1}
 
 SceneObject = tuple[str, str, str]
@@ -147,14 +149,15 @@ def _question(kind: str, objects: Sequence[SceneObject], target: SceneObject) ->
 def vqa_sample(
     seed: int, split: str, index: int, image_size: int, blank: bool = False
 ) -> tuple[Image.Image, dict[str, Any]]:
-    """The image and JSON record of VQA sample `index` of `split`: two question/answer turns.
+    """The image and JSON record of VQA sample `index` of `split`: one question and its answer.
 
-    One to three shapes with distinct (colour, shape) pairs sit in distinct quadrants. The second (graded)
-    question's type is drawn uniformly from QUESTION_TYPES and its object uniformly from the scene. The first
-    turn gives nothing away about the second answer: it asks for the count, or for the colour of a random
-    shape when the second question asks for the count. So an image-blind model can do no better than the
-    most frequent answer of each question type. `blank=True` keeps the conversation and replaces the image
-    by a uniform grey one (the text-only control).
+    One to three shapes with distinct (colour, shape) pairs sit in distinct quadrants. The question's type is
+    drawn uniformly from QUESTION_TYPES and its object uniformly from the scene, so an image-blind model can
+    do no better than the most frequent answer of each question type. The question directly follows the
+    image: the LM knows where an image token lies only through its RoPE distance to the text (the vision tower
+    has no absolute positions either), and a fixed distance per question type lets a tiny model learn which
+    image tokens a quadrant names. `blank=True` keeps the conversation and replaces the image by a uniform
+    grey one (the text-only control).
     """
     rng = np.random.default_rng([seed, _SPLIT_TAGS[split] + 2, index])
     count = int(rng.integers(1, 4))
@@ -164,15 +167,10 @@ def vqa_sample(
                for p, position in zip(pairs, positions, strict=True)]
     image, centres = draw_scene(rng, image_size, objects)
     kind = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
-    asked = _question(kind, objects, objects[int(rng.integers(count))])
-    other = objects[int(rng.integers(count))]
-    first = _question("colour", objects, other) if kind == "count" else _question("count", objects, other)
+    question, answer = _question(kind, objects, objects[int(rng.integers(count))])
     if blank:
         image = Image.new("RGB", image.size, (90, 90, 90))
-    conversations = []
-    for turn, (question, answer) in enumerate((first, asked)):
-        prefix = "<image>\n" if turn == 0 else ""
-        conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    conversations = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
     record = {
         "id": f"vqa-{split}-{index:08d}",
         "conversations": conversations,
@@ -224,7 +222,7 @@ def _generate(
             raise ValueError(f"number of {split} samples must be >= 0, got {num}")
         directory = os.path.join(out_dir, split)
         params = {"num": num, "image_size": image_size, "seed": seed, "samples_per_shard": samples_per_shard,
-                  "image_format": image_format}
+                  "image_format": image_format, "version": SAMPLE_VERSIONS[kind]}
         result[split] = directory
         result[f"num_{split}"] = num
         if meta_is_complete(directory) and read_meta(directory).get("params") == params:
@@ -357,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="Generate small synthetic image-text shard sets.")
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"captions": "one shape per image, captioned with its colour, shape and quadrant",
-             "vqa": "one to three shapes per image, two short questions and answers",
+             "vqa": "one to three shapes per image, one question about them and its answer",
              "vqa-blank": "the vqa conversations with uniform grey images (text-only control)"}
     for kind, help_text in helps.items():
         command = sub.add_parser(kind, help=help_text, description=help_text)

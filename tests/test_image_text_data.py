@@ -26,7 +26,7 @@ from data_modules.shards import (
     read_meta,
     write_image_text_sample,
 )
-from data_modules.synthetic import COLOURS, caption_text, generate_captions, generate_vqa
+from data_modules.synthetic import COLOURS, caption_text, generate_captions, generate_vqa, question_type
 from data_modules.synthetic import main as synthetic_main
 from dvlx.processing import IGNORE_INDEX, ImageProcessor, build_tiny_tokenizer
 from dvlx.processing.tokenizer import tiny_corpus
@@ -586,7 +586,8 @@ def test_synthetic_vqa_answers_match_the_image(tmp_path, tokenizer, processor):
                     list(COLOURS)[int(np.argmin(((palette - image[y, x]) ** 2).sum(axis=1)))] == obj["colour"]
                 )
             turns = record["conversations"]
-            assert len(turns) == 4 and turns[0]["value"].startswith("<image>\n")
+            assert len(turns) == 2 and turns[0]["value"].startswith("<image>\n")
+            assert question_type(turns[0]["value"]) == record["question_type"]
             for question, answer in zip(turns[0::2], turns[1::2], strict=True):
                 q, a = question["value"].removeprefix("<image>\n"), answer["value"]
                 if q.startswith("How many"):
@@ -628,3 +629,29 @@ def test_length_grouping_batches_neighbours() -> None:
     assert [[len(s["input_ids"]) for s in b] for b in again] == [
         [len(s["input_ids"]) for s in b] for b in grouped
     ]
+
+
+def test_vqa_blank_keeps_the_conversation_and_chance_is_the_majority_answer(tmp_path) -> None:
+    from data_modules.synthetic import generate_vqa_blank, graded_answers, score_by_question_type
+
+    vqa = generate_vqa(tmp_path / "vqa", num_train=40, num_val=0, image_size=IMAGE_SIDE, samples_per_shard=20)
+    blank = generate_vqa_blank(tmp_path / "blank", num_train=40, num_val=0, image_size=IMAGE_SIDE,
+                               samples_per_shard=20)
+    pairs = graded_answers(vqa["train"])
+    assert pairs == graded_answers(blank["train"]) and len(pairs) == 40
+    for path in list_shards(blank["train"]):
+        for sample in iter_shard_samples(path):
+            image = np.asarray(Image.open(io.BytesIO(sample["img0.png"])))
+            assert image.min() == image.max()
+    # A report that always gives the most frequent answer of each type scores exactly chance.
+    answers: dict[str, Counter] = {}
+    for question, answer in pairs:
+        answers.setdefault(question_type(question), Counter())[answer] += 1
+    majority = {kind: counts.most_common(1)[0][0] for kind, counts in answers.items()}
+    samples = [{"question": q, "answer": a, "exact_match": a == majority[question_type(q)]} for q, a in pairs]
+    rows = score_by_question_type({"samples": samples}, vqa["train"])
+    assert set(rows) == set(answers) | {"all"}
+    for kind, row in rows.items():
+        assert row["exact_match"] == pytest.approx(row["chance"]), kind
+        assert row["n"] == (len(pairs) if kind == "all" else sum(answers[kind].values()))
+    assert 0 < rows["all"]["chance"] < 1

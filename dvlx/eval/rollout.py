@@ -62,6 +62,9 @@ INSTRUCTION_MODES = ("env", "swap")
 ROBOSUITE_CAMERAS = ("agentview", "robot0_eye_in_hand")
 WRIST_WORDS = ("eye_in_hand", "wrist", "hand")
 START_METHODS = ("forkserver", "spawn")
+# Environment variables a worker takes from the main process at each run: a forkserver's children otherwise
+# see the environment of the moment the server started.
+WORKER_ENV_KEYS = ("LIBERO_CONFIG_PATH", libero_env.ASSETS_ENV, libero_env.CACHE_ENV)
 FORKSERVER_PRELOAD = ("dvlx.eval.rollout", "dvlx.policy", "data_modules.sim")
 # Frames of an episode kept for a TensorBoard strip are sampled from at most this many stored frames.
 _MAX_STORED_FRAMES = 64
@@ -145,6 +148,8 @@ class WorkerConfig:
     gripper_open_convention: bool
     video_dir: str | None
     video_fps: int
+    environ: dict[str, str] = field(default_factory=dict)
+    """`WORKER_ENV_KEYS` as set in the main process."""
 
 
 @dataclass(frozen=True)
@@ -248,13 +253,21 @@ class _VideoWriter:
         for packet in self.stream.encode(picture):
             self.container.mux(packet)
 
-    def close(self, final: Path | None = None) -> Path:
+    def close(self, final: Path | None = None) -> Path | None:
+        """Finish the file and move it to `final` (default its path); None (and no file) without frames."""
+        if not self.started:
+            self.discard()
+            return None
         for packet in self.stream.encode():
             self.container.mux(packet)
         self.container.close()
         final = final or self.path
         os.replace(self.tmp, final)
         return final
+
+    def discard(self) -> None:
+        self.container.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class _EpisodeRunner:
@@ -344,6 +357,8 @@ class _EpisodeRunner:
                 record(obs, length)
             info = env.info()
         except (_Aborted, _Fatal):
+            if video is not None:
+                video.discard()
             raise
         except Exception as exc:  # the reference counts a simulator error as a failed episode
             error = f"{type(exc).__name__}: {exc}"
@@ -351,7 +366,8 @@ class _EpisodeRunner:
         path = None
         if video is not None:
             outcome = "success" if success else "failure"
-            path = str(video.close(video.path.with_name(f"{video.path.stem}_{outcome}.mp4")))
+            written = video.close(video.path.with_name(f"{video.path.stem}_{outcome}.mp4"))
+            path = None if written is None else str(written)
         kept = None
         if episode.keep_frames and frames:
             picks = np.linspace(0, len(frames) - 1, min(episode.keep_frames, len(frames))).round().astype(int)
@@ -377,6 +393,11 @@ def _worker_main(conn: Connection, config: WorkerConfig) -> None:
 
         # Workers run no tensor maths; one thread keeps them off the cores the policy uses.
         torch.set_num_threads(1)
+        for key in WORKER_ENV_KEYS:
+            if key in config.environ:
+                os.environ[key] = config.environ[key]
+            else:
+                os.environ.pop(key, None)
         runner = _EpisodeRunner(config)
         conn.send(("ready", None))
         while True:
@@ -617,6 +638,7 @@ def plan_rollout(settings: RolloutSettings, spec, *, keep_frames: int = 0) -> Ro
         instructions=instructions, swap_instruction=swap and not libero,
         libero_assets=settings.libero_assets, gripper_open_convention=gripper_open,
         video_dir=settings.video_dir, video_fps=int(round(spec.control_hz or 20)),
+        environ={key: os.environ[key] for key in WORKER_ENV_KEYS if key in os.environ},
     )
     episodes: list[EpisodeSpec] = []
     task_indices: dict[int, list[int]] = {}
