@@ -386,18 +386,25 @@ class ImageTextStream(IterableDataset):
         self, shard: int, ordinals: list[int], counter: FaultCounter, count_truncation: bool
     ) -> Iterator[dict[str, Any] | None]:
         """The samples at `ordinals` (ascending) of one shard, read in one streaming pass; None for each one
-        the shard lacks (a truncated tar, counted once per pass by the slot that owns the shard)."""
+        the shard lacks (a truncated tar, or a complete one with fewer samples than its meta.json entry),
+        counted once per pass by the slot that owns the shard."""
         path = self.shards[shard]
         wanted = iter(ordinals)
         target = next(wanted, None)
+        read = 0
         try:
             for ordinal, sample in enumerate(iter_shard_samples(path)):
+                read = ordinal + 1
                 if ordinal == target:
                     yield sample
                     target = next(wanted, None)
         except TruncatedShardError as error:
             if count_truncation:
                 counter.record("truncated_tar", path, None, error.reason)
+        else:
+            if target is not None and count_truncation:
+                reason = f"holds {read} samples, its meta.json entry says {self.counts[shard]}"
+                counter.record("truncated_tar", path, None, reason)
         while target is not None:
             yield None
             target = next(wanted, None)

@@ -357,6 +357,30 @@ def test_faults_are_skipped_counted_and_the_run_continues(tmp_path, tokenizer, p
     assert len(train) == dm.num_batches() == 15 // 2 and all(len(b["input_ids"]) == 2 for b in train)
 
 
+def test_a_complete_shard_short_of_its_meta_count_is_a_counted_fault(tmp_path, tokenizer, processor, caplog):
+    captions = _numbered_set(tmp_path, 10, per_shard=5)
+    # Rewrite the second shard as a well-formed tar that lacks its last two samples; meta.json still says 5.
+    path = tmp_path / "train-000001.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    kept = [(m, data) for m, data in members if int(m.name.split(".")[0][1:]) < 8]
+    with tarfile.open(path, "w") as tar:
+        for member, data in kept:
+            tar.addfile(member, io.BytesIO(data))
+    dm = _module(tokenizer, processor, str(tmp_path), fault_min_samples=1000)
+    tally = FaultTally()
+    seen = []
+    with caplog.at_level(logging.WARNING):
+        for batch in dm.train_dataloader():
+            tally.add(batch["faults"])
+            seen += _captions(batch, tokenizer)
+    assert tally.as_dict()["truncated_tar"] == 1
+    # The epoch keeps its length (from meta.json), wrapping around for the two missing samples.
+    assert set(seen) == set(captions[:8]) and len(seen) == 10
+    assert any("train-000001.tar" in r.getMessage() and "meta.json entry says 5" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_too_many_faults_raise_naming_the_shard(tmp_path, tokenizer, processor):
     with ShardWriter(tmp_path, max_samples_per_shard=100) as writer:
         for i in range(12):
