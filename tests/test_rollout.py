@@ -99,6 +99,14 @@ def test_settings_refuse_impossible_protocols() -> None:
     with pytest.raises(ValueError, match="exceeds the policy's chunk length"):
         rollout.plan_rollout(rollout.RolloutSettings(env="robosuite-lift", open_loop_steps=HORIZON + 1),
                              robot_spec())
+    six = dataclasses.replace(robot_spec(), action_dim=6, action_names=list(sim.ACTION_NAMES[:6]),
+                              action_normalizer=Normalizer("bounds_q99", _stats(6), [True] * 6))
+    with pytest.raises(ValueError, match="6-D actions .*robosuite-lift takes 7-D actions"):
+        rollout.plan_rollout(rollout.RolloutSettings(env="robosuite-lift"), six)
+    nine = dataclasses.replace(robot_spec(), proprio_dim=9, proprio_names=[*sim.PROPRIO_NAMES, "extra"],
+                               proprio_normalizer=Normalizer("bounds_q99", _stats(9), [True] * 9))
+    with pytest.raises(ValueError, match="9-D proprio .*gives 8-D proprio"):
+        rollout.plan_rollout(rollout.RolloutSettings(env="robosuite-lift"), nine)
 
 
 def test_plan_indexes_episodes_and_records_the_protocol() -> None:

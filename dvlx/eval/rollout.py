@@ -596,6 +596,17 @@ def _robosuite_tasks(env: str) -> list[TaskInfo]:
     return [TaskInfo(0, env, names)]
 
 
+def check_policy_dims(spec, env: str, action_dim: int, proprio_dim: int) -> None:
+    """Refuse, before any process starts, a policy whose action or proprio size is not the environment's
+    (a policy without proprio ignores the environment's)."""
+    if spec.action_dim != action_dim:
+        raise ValueError(f"the policy outputs {spec.action_dim}-D actions ({', '.join(spec.action_names)}); "
+                         f"{env} takes {action_dim}-D actions")
+    if spec.proprio_dim and spec.proprio_dim != proprio_dim:
+        raise ValueError(f"the policy reads {spec.proprio_dim}-D proprio ({', '.join(spec.proprio_names)}); "
+                         f"{env} gives {proprio_dim}-D proprio")
+
+
 def plan_rollout(settings: RolloutSettings, spec, *, keep_frames: int = 0) -> RolloutPlan:
     """Resolve defaults against the policy's `spec` (an `ActionSpec`) and list the episodes."""
     libero = is_libero(settings.env)
@@ -622,6 +633,7 @@ def plan_rollout(settings: RolloutSettings, spec, *, keep_frames: int = 0) -> Ro
         env_cameras = libero_env.ENV_CAMERAS
         versions = libero_env.libero_versions(assets)
         gripper_open = bool(spec.action_names) and spec.action_names[-1] == libero_env.GRIPPER_OPEN_NAME
+        env_dims = (libero_env.ACTION_DIM, libero_env.PROPRIO_DIM)
     else:
         from data_modules import sim
 
@@ -631,6 +643,8 @@ def plan_rollout(settings: RolloutSettings, spec, *, keep_frames: int = 0) -> Ro
         env_cameras = ROBOSUITE_CAMERAS
         versions = dict(sim.SIM_VERSIONS)
         gripper_open = False
+        env_dims = (len(sim.ACTION_NAMES), len(sim.PROPRIO_NAMES))
+    check_policy_dims(spec, settings.env, *env_dims)
     camera_map = match_cameras(spec.cameras, env_cameras, settings.camera_map)
     worker = WorkerConfig(
         env=settings.env, camera_map=camera_map, camera_size=camera_size, seed=settings.seed,
