@@ -71,9 +71,22 @@ def _registries() -> dict[str, tuple[str, ...]]:
     return {"stage_names": tuple(STAGES), "objective_names": tuple(OBJECTIVES)}
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when a record is written: test runners and notebooks
+    replace (and close) stderr between calls of `main`, and a handler holding the old one fails on it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     """INFO lines from dvlx's own packages on stderr (Lightning configures its own logger)."""
-    handler = logging.StreamHandler()
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     for name in ("dvlx", "data_modules", "callbacks"):
         logger = logging.getLogger(name)

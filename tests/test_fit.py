@@ -182,3 +182,23 @@ def test_instruct_from_a_pretraining_export_trains_resumes_and_generates(
     rows = read_metrics(run_dir)
     assert [r for r in rows if r.get("val/gen_exact_match")], "generation accuracy was not logged"
     assert json.loads((run_dir / "export" / "dvlx.json").read_text())["stage"] == "VLInstruct"
+
+
+def test_log_lines_go_to_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test runners and notebooks swap stderr between runs; dvlx's handler must not write to a closed one."""
+    import io
+    import logging
+    import sys
+
+    from dvlx.fit import _configure_logging
+
+    _configure_logging()
+    log = logging.getLogger("dvlx.test_logging")
+    earlier = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", earlier)
+    log.info("first line")
+    earlier.close()
+    current = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", current)
+    log.info("second line")
+    assert "INFO dvlx.test_logging: second line" in current.getvalue()
