@@ -222,6 +222,9 @@ class ImageTextStream(IterableDataset):
                     group.append(encoded)
             rng = np.random.default_rng([self.seed, self.epoch, _GROUPING_TAG, slot, slots, start])
             batches = _arrange_group(group, self.batch_size, self.length_grouping, rng)
+            if skip:
+                # A rebuilt group's bad samples went out with its first batch, before the resume.
+                counter.take()
             for i, items in enumerate(batches[skip:], start=skip):
                 done += 1
                 last = i == len(batches) - 1
@@ -376,7 +379,11 @@ class ImageTextStream(IterableDataset):
                 j += 1
             ordinals = [int(k) for k in refs[i:j, 1]]
             if i == start and i > 0 and refs[i - 1, 0] == shard:
-                samples = self._index(shard).read(ordinals)
+                # Resumed inside this shard: the rest is read by index. The original reading counts a
+                # truncation when it meets the first missing sample, so it is still to count if the last
+                # sample read before the resume exists.
+                count = shard in counted and int(refs[i - 1, 1]) < len(self._index(shard))
+                samples = self._read_indexed(shard, ordinals, counter, count)
             else:
                 samples = self._read_shard(shard, ordinals, counter, shard in counted)
             yield from zip(range(i, j), samples, strict=True)
@@ -408,6 +415,18 @@ class ImageTextStream(IterableDataset):
         while target is not None:
             yield None
             target = next(wanted, None)
+
+    def _read_indexed(
+        self, shard: int, ordinals: list[int], counter: FaultCounter, count_truncation: bool
+    ) -> Iterator[dict[str, Any] | None]:
+        """`_read_shard` by random access: the same samples, a missing one counted like a truncation."""
+        index = self._index(shard)
+        for sample in index.read(ordinals):
+            if sample is None and count_truncation:
+                reason = f"holds {len(index)} readable samples, its meta.json entry says {self.counts[shard]}"
+                counter.record("truncated_tar", self.shards[shard], None, reason)
+                count_truncation = False
+            yield sample
 
     def _index(self, shard: int) -> TarSampleIndex:
         index = self._indexes.get(shard)

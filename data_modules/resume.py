@@ -94,7 +94,9 @@ class TarSampleIndex:
                     if key is None or os.path.basename(info.name).startswith("__"):
                         continue
                     if info.offset_data + info.size > size:
-                        current = None
+                        # The cut member's sample is dropped; the one before it, if another, is complete.
+                        if current is not None and key == current["key"]:
+                            current = None
                         break
                     ext = ext.lower()
                     if current is not None and key != current["key"]:

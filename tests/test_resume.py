@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_image_text_data import _captions, _numbered_set
+from test_image_text_data import _captions, _faulty_set, _numbered_set
 from test_trajectory_data import _ids, _write_set
 
+from data_modules.faults import FaultTally
 from data_modules.image_text import ImageTextDataModule
 from data_modules.resume import POSITION_KEY, StreamPositions, TarSampleIndex, reservoir_order, skip_reservoir
 from data_modules.shards import ShardWriter, iter_shard_samples
@@ -80,10 +81,11 @@ def test_tar_index_reads_what_the_stream_reads(tmp_path: Path) -> None:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    cut = tmp_path / "cut.tar"
+    cut, cut_between = tmp_path / "cut.tar", tmp_path / "cut_between.tar"
     raw = path.read_bytes()
-    last_data = tarfile.open(path).getmembers()[-1].offset_data
-    for target, size in ((path, len(raw)), (cut, last_data + 3)):
+    data_offsets = [m.offset_data for m in tarfile.open(path).getmembers()]
+    # Cut inside the last sample's second file, and inside its first (the sample before stays complete).
+    for target, size in ((path, len(raw)), (cut_between, data_offsets[-2] + 3), (cut, data_offsets[-1] + 3)):
         target.write_bytes(raw[:size])
         streamed = []
         try:
@@ -120,6 +122,38 @@ def _resumed(make_stream, full: list[dict], consumed: int, num_workers: int) -> 
     stream = make_stream()
     stream.resume = loaded.resume(stream.epoch, 0, 1, num_workers)
     return _round_robin(stream, num_workers)
+
+
+@pytest.mark.parametrize("grouping", [0, 3])
+def test_faults_are_counted_once_across_a_resume(tmp_path, tokenizer, processor, grouping: int) -> None:
+    """Bad samples, a truncated shard included, count the same whether or not the run was resumed between."""
+    _faulty_set(str(tmp_path), tokenizer)
+    num_workers = 2
+
+    def make_stream():
+        dm = ImageTextDataModule(
+            train=str(tmp_path), tokenizer=tokenizer, image_processor=processor, batch_size=2, num_workers=0,
+            shuffle_buffer=4, length_grouping=grouping, max_length=64, fault_min_samples=1000,
+        )
+        dm.setup()
+        stream = dm.train_dataloader().dataset
+        stream.set_epoch(1)
+        return stream
+
+    def totals(batches: list[dict]) -> dict[str, int]:
+        tally = FaultTally()
+        for batch in batches:
+            tally.add(batch["faults"])
+        return tally.as_dict()
+
+    full = _round_robin(make_stream(), num_workers)
+    expected = totals(full)
+    # Each of the five faults at least once (a worker that runs dry wraps around and may meet one again).
+    assert all(expected[kind] >= 1 for kind in ("truncated_tar", "corrupt_image", "missing_key", "bad_record",
+                                                 "too_long")), expected
+    for consumed in range(1, len(full)):
+        rest = _resumed(make_stream, full, consumed, num_workers)
+        assert totals(full[:consumed] + rest) == expected, consumed
 
 
 @pytest.mark.parametrize("grouping", [0, 3])
