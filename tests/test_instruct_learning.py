@@ -51,11 +51,11 @@ def _instruct_and_score(pretrained: Path, root: Path, kind: str, steps: int) -> 
 
 
 def test_instruct_answers_held_out_questions_from_the_image(pretrained: Path, tmp_path: Path) -> None:
-    rows = _instruct_and_score(pretrained, tmp_path, "vqa", steps=1500)
-    assert rows["all"]["exact_match"] > rows["all"]["chance"] + 0.25, rows
-    # Localised questions beat chance too, not only the count: a colour question names a quadrant. The full
-    # recipe (4000 steps) answers all of them; the model starts to localise about here.
-    assert rows["colour"]["exact_match"] > rows["colour"]["chance"] + 0.1, rows
+    # Measured: 0.73 against a chance of 0.28 (colour 0.60 against 0.15); the full recipe reaches 0.86.
+    rows = _instruct_and_score(pretrained, tmp_path, "vqa", steps=2000)
+    assert rows["all"]["exact_match"] > rows["all"]["chance"] + 0.3, rows
+    # Localised questions beat chance too, not only the count: a colour question names a quadrant.
+    assert rows["colour"]["exact_match"] > rows["colour"]["chance"] + 0.25, rows
 
 
 def test_text_only_control_cannot_beat_chance(pretrained: Path, tmp_path: Path) -> None:
