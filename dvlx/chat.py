@@ -172,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def show(step: int, sequences: Tensor) -> None:
         canvas = sequences[0, prompt_length:].tolist()
-        text = render_canvas(tokenizer, canvas, mask_id, args.mask_char)
+        # One line per step: a revealed newline is shown escaped.
+        text = render_canvas(tokenizer, canvas, mask_id, args.mask_char).replace("\n", "\\n")
         print(f"[{step + 1:>4}/{args.steps}] {text}", flush=True)
 
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
