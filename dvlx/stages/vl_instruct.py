@@ -13,7 +13,7 @@ class VLInstruct(DiffusionStage):
 
     Text-only samples need no dummy image: the backbone skips the tower when a batch has no image. Under
     FSDP/DeepSpeed ZeRO-3 every rank must run the same modules, so mixed text-only/image data there should
-    keep at least one image per batch (the sharded strategies in issue 7 document this).
+    keep at least one image per batch (docs/instruct.md, docs/scaling.md).
     """
 
     default_trainable = ("projector", "lm", "vision")
