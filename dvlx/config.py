@@ -384,6 +384,9 @@ def validate(
         _check_choice("data.synthetic.kind", cfg.data.synthetic.kind, SYNTHETIC_KINDS)
     if cfg.lora.rank < 0:
         raise ConfigError(f"key 'lora.rank': must be >= 0, got {cfg.lora.rank}")
+    if cfg.lora.rank > 0 and cfg.stage.name != "vla":
+        raise ConfigError(f"key 'lora.rank': LoRA adapters are built by stage 'vla' only; stage "
+                          f"'{cfg.stage.name}' trains the full weights of stage.trainable (set lora.rank=0)")
     _check_choice("trainer.strategy", cfg.trainer.strategy, STRATEGIES)
     _check_choice("trainer.fsdp_sharding", cfg.trainer.fsdp_sharding, FSDP_SHARDING)
     _check_choice("trainer.fsdp_state_dict", cfg.trainer.fsdp_state_dict, STATE_DICT_TYPES)

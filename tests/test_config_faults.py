@@ -73,6 +73,8 @@ CASES = [
      ["key 'trainer.max_consecutive_nonfinite': must be positive"]),
     ("fault-fraction", lambda f: [str(PRETRAIN), "data.max_fault_fraction=2"],
      ["key 'data.max_fault_fraction'"]),
+    ("lora-outside-vla", lambda f: [str(PRETRAIN), "lora.rank=8"],
+     ["key 'lora.rank': LoRA adapters are built by stage 'vla' only"]),
 ]
 
 

@@ -178,5 +178,6 @@ def test_7b_vla_qlora_report(capsys: pytest.CaptureFixture) -> None:
     row = next(line for line in out.splitlines() if line.startswith("ddp"))
     assert row.split()[-1] in ("yes", "no")
     assert memory.main(["--preset", "7b", "--quantize", "nf4"]) == 2  # QLoRA needs adapters
+    assert memory.main(["--preset", "7b", "--stage", "vl_instruct", "--lora", "8"]) == 2  # vla only
     assert memory.main(["--preset", "7b", "--lora", "8", "--quantize", "nf4", "--strategies", "fsdp"]) == 0
     assert "fsdp" not in [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]

@@ -489,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     if job.quantize and not job.lora_rank:
         print("error: --quantize needs LoRA adapters (--lora RANK)", file=sys.stderr)
         return 2
+    if job.lora_rank and job.stage != "vla":
+        print(f"error: --lora: LoRA adapters are built by stage vla only, not {job.stage}", file=sys.stderr)
+        return 2
     try:
         counts, acts, rows = estimate(job, strategies, worlds)
     except ValueError as err:
