@@ -297,16 +297,19 @@ def graded_answers(spec: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def score_by_question_type(report: dict[str, Any], train: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Exact match of a `python -m dvlx.eval vl` report per question type, next to chance.
+    """Exact match of a `python -m dvlx.eval vl` report per question type, next to image-blind answers.
 
-    chance: the accuracy of always giving the most frequent training answer of the question's type (the
-    best an image-blind model can do on `vqa` data); `uniform`: one over the number of answers of the type.
-    Rows: each type in the report, then `all`.
+    chance: the accuracy of always giving the most frequent training answer of the question's type (what an
+    image-blind model should do on `vqa` data); `best_constant`: the accuracy of the one answer per type that
+    scores best on these very samples (chosen with hindsight, so an upper bound for any model that gives one
+    answer per type; it exceeds `chance` by the sampling noise of the evaluated set); `uniform`: one over the
+    number of answers of the type. Rows: each type in the report, then `all`.
     """
     answers: dict[str, Counter] = {}
     for question, answer in graded_answers(train):
         answers.setdefault(question_type(question), Counter())[answer.strip().lower()] += 1
     rows: dict[str, dict[str, Any]] = {}
+    evaluated: dict[str, Counter] = {}
     for sample in report["samples"]:
         kind = question_type(sample["question"])
         counts = answers.get(kind, Counter())
@@ -316,25 +319,28 @@ def score_by_question_type(report: dict[str, Any], train: str | os.PathLike) -> 
         row["n"] += 1
         row["exact_match"] += bool(sample["exact_match"])
         row["chance"] += sample["answer"].strip().lower() == majority
+        evaluated.setdefault(kind, Counter())[sample["answer"].strip().lower()] += 1
+    for kind, row in rows.items():
+        row["best_constant"] = evaluated[kind].most_common(1)[0][1]
     total = {"n": sum(r["n"] for r in rows.values()), "majority_answer": "-"}
-    for key in ("exact_match", "chance"):
+    for key in ("exact_match", "chance", "best_constant"):
         total[key] = sum(r[key] for r in rows.values())
     total["uniform"] = sum(r["uniform"] * r["n"] for r in rows.values()) / max(1, total["n"])
     rows = {kind: rows[kind] for kind in sorted(rows)}
     rows["all"] = total
     for row in rows.values():
-        for key in ("exact_match", "chance"):
+        for key in ("exact_match", "chance", "best_constant"):
             row[key] = row[key] / max(1, row["n"])
     return rows
 
 
 def format_scores(rows: dict[str, dict[str, Any]]) -> str:
     """A markdown table of `score_by_question_type`."""
-    lines = ["| question type | n | exact match | chance (majority answer) | uniform |",
-             "|---|---|---|---|---|"]
+    lines = ["| question type | n | exact match | chance (majority answer) | best constant | uniform |",
+             "|---|---|---|---|---|---|"]
     for kind, row in rows.items():
         lines.append(f"| {kind} | {row['n']} | {row['exact_match']:.3f} | {row['chance']:.3f} "
-                     f"({row['majority_answer']}) | {row['uniform']:.3f} |")
+                     f"({row['majority_answer']}) | {row['best_constant']:.3f} | {row['uniform']:.3f} |")
     return "\n".join(lines)
 
 

@@ -678,4 +678,7 @@ def test_vqa_blank_keeps_the_conversation_and_chance_is_the_majority_answer(tmp_
     for kind, row in rows.items():
         assert row["exact_match"] == pytest.approx(row["chance"]), kind
         assert row["n"] == (len(pairs) if kind == "all" else sum(answers[kind].values()))
+        assert row["chance"] <= row["best_constant"] <= 1
     assert 0 < rows["all"]["chance"] < 1
+    # Scored on the training pairs themselves, the training majority is the best constant answer.
+    assert rows["all"]["best_constant"] == pytest.approx(rows["all"]["chance"])
