@@ -36,7 +36,7 @@ from data_modules.shards import (
     iter_shard_samples,
     list_shards,
     meta_is_complete,
-    shard_sample_counts,
+    required_sample_counts,
 )
 from dvlx.processing import IGNORE_INDEX, IMAGE_PLACEHOLDER, ImageProcessor, Tokenizer, encode_conversation
 
@@ -299,14 +299,9 @@ class ImageTextStream(IterableDataset):
 
     def sample_counts(self) -> list[int]:
         if self.counts is None:
-            counts = shard_sample_counts(self.shards)
-            missing = [path for path, n in zip(self.shards, counts, strict=True) if n is None]
-            if missing:
-                raise ValueError(
-                    f"shard {missing[0]} has no entry in a meta.json next to it; training streams need the "
-                    "sample counts of every shard"
-                )
-            self.counts = [int(n) for n in counts if n is not None]
+            self.counts = required_sample_counts(
+                self.shards, "training streams need the sample counts of every shard"
+            )
         return self.counts
 
     def _train_samples(
@@ -703,14 +698,10 @@ class ImageTextDataModule(StreamingDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.train_shards = list_shards(self.train_spec)
-        counts = shard_sample_counts(self.train_shards)
-        missing = [path for path, n in zip(self.train_shards, counts, strict=True) if n is None]
-        if missing:
-            raise ValueError(
-                f"shard {missing[0]} has no entry in a meta.json next to it; training needs the sample "
-                "counts of every shard to give all ranks the same number of batches"
-            )
-        self.train_counts = [int(n) for n in counts if n is not None]
+        self.train_counts = required_sample_counts(
+            self.train_shards,
+            "training needs the sample counts of every shard to give all ranks the same number of batches",
+        )
         self.num_train_samples = sum(self.train_counts)
         self.val_shards = list_shards(self.val_spec) if self.val_spec is not None else []
 

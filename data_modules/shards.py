@@ -305,6 +305,16 @@ def shard_sample_counts(paths: Sequence[str]) -> list[int | None]:
     return counts
 
 
+def required_sample_counts(paths: Sequence[str], needed_for: str) -> list[int]:
+    """`shard_sample_counts`, raising ValueError that names the first shard without a meta.json entry and
+    what the counts are `needed_for`."""
+    counts = shard_sample_counts(paths)
+    missing = [path for path, n in zip(paths, counts, strict=True) if n is None]
+    if missing:
+        raise ValueError(f"shard {missing[0]} has no entry in a meta.json next to it; {needed_for}")
+    return [int(n) for n in counts if n is not None]
+
+
 class TruncatedShardError(Exception):
     """A tar that ended early or could not be read; the complete samples before it were yielded."""
 

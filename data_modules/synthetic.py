@@ -266,7 +266,7 @@ def generate_vqa(
     samples_per_shard: int = 500,
     image_format: str = "png",
 ) -> dict[str, Any]:
-    """Like `generate_captions`, for the two-turn VQA samples (use the qwen_2_5 template)."""
+    """Like `generate_captions`, for the one-question VQA samples (use the qwen_2_5 template)."""
     return _generate("vqa", out_dir, num_train, num_val, image_size, seed, samples_per_shard, image_format)
 
 

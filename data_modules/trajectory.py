@@ -672,12 +672,9 @@ class TrajectoryStream(ImageTextStream):
             while sample is None:
                 sample = next(streams[dataset])
                 positions[dataset] += 1
-            counter.seen()
-            try:
-                batch.append(self.encode_step(sample, dataset, augment_rng))
-            except _Skip as skip:
-                counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
-            counter.check(sample["__shard__"])
+            encoded = self._encode_counted(sample, dataset, augment_rng, counter)
+            if encoded is not None:
+                batch.append(encoded)
             if len(batch) == self.batch_size:
                 done += 1
                 out = collate_trajectory(batch, self.tokenizer.pad_token_id, counter.take())
@@ -703,12 +700,9 @@ class TrajectoryStream(ImageTextStream):
         batch: list[dict[str, Any]] = []
         for dataset, reader in enumerate(self.readers):
             for sample in reader._owned_samples(slot, slots, counter):
-                counter.seen()
-                try:
-                    batch.append(self.encode_step(sample, dataset, None))
-                except _Skip as skip:
-                    counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
-                counter.check(sample["__shard__"])
+                encoded = self._encode_counted(sample, dataset, None, counter)
+                if encoded is not None:
+                    batch.append(encoded)
                 if len(batch) == self.batch_size:
                     yield collate_trajectory(batch, self.tokenizer.pad_token_id, counter.take())
                     batch = []
@@ -731,6 +725,19 @@ class TrajectoryStream(ImageTextStream):
             )
             self._prompts[instruction] = prompt
         return prompt
+
+    def _encode_counted(
+        self, sample: dict[str, Any], dataset: int, rng: np.random.Generator | None, counter: FaultCounter
+    ) -> dict[str, Any] | None:
+        """`encode_step`, or None for a bad sample (counted and logged); raises above the fault limit."""
+        counter.seen()
+        try:
+            encoded = self.encode_step(sample, dataset, rng)
+        except _Skip as skip:
+            counter.record(skip.kind, sample["__shard__"], sample["__key__"], skip.reason)
+            encoded = None
+        counter.check(sample["__shard__"])
+        return encoded
 
     def encode_step(
         self, sample: Mapping[str, Any], dataset: int, rng: np.random.Generator
