@@ -124,6 +124,16 @@ def _resumed(make_stream, full: list[dict], consumed: int, num_workers: int) -> 
     return _round_robin(stream, num_workers)
 
 
+def _image_text_stream(path: Path, tokenizer, processor, **kwargs):
+    """The epoch-1 training stream of an image-text set (batch 2, workers simulated by `_round_robin`)."""
+    dm = ImageTextDataModule(train=str(path), tokenizer=tokenizer, image_processor=processor, batch_size=2,
+                             num_workers=0, **kwargs)
+    dm.setup()
+    stream = dm.train_dataloader().dataset
+    stream.set_epoch(1)
+    return stream
+
+
 @pytest.mark.parametrize("grouping", [0, 3])
 def test_faults_are_counted_once_across_a_resume(tmp_path, tokenizer, processor, grouping: int) -> None:
     """Bad samples, a truncated shard included, count the same whether or not the run was resumed between."""
@@ -131,14 +141,8 @@ def test_faults_are_counted_once_across_a_resume(tmp_path, tokenizer, processor,
     num_workers = 2
 
     def make_stream():
-        dm = ImageTextDataModule(
-            train=str(tmp_path), tokenizer=tokenizer, image_processor=processor, batch_size=2, num_workers=0,
-            shuffle_buffer=4, length_grouping=grouping, max_length=64, fault_min_samples=1000,
-        )
-        dm.setup()
-        stream = dm.train_dataloader().dataset
-        stream.set_epoch(1)
-        return stream
+        return _image_text_stream(tmp_path, tokenizer, processor, shuffle_buffer=4, length_grouping=grouping,
+                                  max_length=64, fault_min_samples=1000)
 
     def totals(batches: list[dict]) -> dict[str, int]:
         tally = FaultTally()
@@ -162,14 +166,7 @@ def test_image_text_stream_resumes_after_any_batch(tmp_path, tokenizer, processo
     num_workers = 3
 
     def make_stream():
-        dm = ImageTextDataModule(
-            train=str(tmp_path), tokenizer=tokenizer, image_processor=processor, batch_size=2, num_workers=0,
-            shuffle_buffer=6, length_grouping=grouping,
-        )
-        dm.setup()
-        stream = dm.train_dataloader().dataset
-        stream.set_epoch(1)
-        return stream
+        return _image_text_stream(tmp_path, tokenizer, processor, shuffle_buffer=6, length_grouping=grouping)
 
     full = _round_robin(make_stream(), num_workers)
     assert len(full) == 22
